@@ -1,0 +1,38 @@
+"""actcomp: fine-tune PyTorch models on devices by keeping low-rank factors of activations.
+
+Public API::
+
+    actcomp.compress(model, layers="last:4", method="hosvd", eps=0.8)
+    loss.backward()                       # selected layers keep factors, not their inputs
+    actcomp.stats(model)                  # ranks and bytes kept per layer
+    actcomp.restore(model)                # back to plain autograd
+"""
+
+from actcomp import decompose
+from actcomp.config import CompressionConfig, LayerStats
+from actcomp.decompose import explained_rank, hosvd, truncated_svd
+from actcomp.factors import LowRank, Tucker
+from actcomp.hooks import compress, compressed_layers, restore, stats
+from actcomp.kernels import register_kernel, supported_types
+from actcomp.memory import SavedTensors, count_saved
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionConfig",
+    "LayerStats",
+    "LowRank",
+    "SavedTensors",
+    "Tucker",
+    "compress",
+    "compressed_layers",
+    "count_saved",
+    "decompose",
+    "explained_rank",
+    "hosvd",
+    "register_kernel",
+    "restore",
+    "stats",
+    "supported_types",
+    "truncated_svd",
+]

@@ -1,0 +1,172 @@
+"""Low-rank decompositions of activations: pure functions on tensors.
+
+Every decomposition here works from Gram matrices: for a mode-n unfolding X_(n) (I_n x rest),
+G_n = X_(n) X_(n)^T is symmetric positive semi-definite, its eigenvalues are the squared
+singular values of X_(n) and its eigenvectors the left singular vectors. ``torch.linalg.eigh``
+of an I_n x I_n Gram matrix gives the same subspace as a full SVD of the unfolding at a fraction
+of the cost. Ranks are chosen by explained variance: keep the smallest k whose leading
+eigenvalues sum to at least ``eps`` times the total, which is ||X||_F^2 for every mode.
+
+All functions run under ``torch.no_grad()`` (decomposition work is never recorded by autograd),
+compute in float32 (float64 for float64 inputs) whatever the input dtype, return contiguous
+tensors in the input's dtype, and synchronise with the device at most once per call.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from actcomp.factors import LowRank, Tucker, _mode_product
+
+__all__ = [
+    "NonFiniteActivationError",
+    "check_eps",
+    "explained_rank",
+    "hosvd",
+    "mode_gram",
+    "truncated_svd",
+]
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """The tensor to decompose holds NaN or Inf: no subspace can be chosen from it."""
+
+
+def check_eps(eps: object) -> float:
+    """Return ``eps`` as a float if it is a real number in (0, 1], else raise ValueError."""
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not (0.0 < float(eps) <= 1.0):
+        raise ValueError(
+            f"eps must be a number in (0, 1] (the fraction of explained variance to keep), got {eps!r}"
+        )
+    return float(eps)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rank_tensor(eigenvalues_desc: Tensor, eps: float) -> Tensor:
+    """Smallest k with sum_{i<k} lambda_i >= eps * sum_i lambda_i, as a 0-d tensor (no sync)."""
+    n = eigenvalues_desc.shape[-1]
+    if eps >= 1.0:
+        return torch.tensor(n, device=eigenvalues_desc.device)
+    energy = eigenvalues_desc.clamp_min(0).cumsum(-1)
+    k = (energy < eps * energy[..., -1:]).sum(-1) + 1
+    return k.clamp_max(n)
+
+
+def explained_rank(eigenvalues: Tensor, eps: float) -> int:
+    """Smallest rank k whose k largest eigenvalues explain a fraction ``eps`` of their sum.
+
+    With eigenvalues lambda_1 >= ... >= lambda_n >= 0 of a Gram matrix (the squared singular
+    values of the unfolding), return the smallest k with
+    ``sum_{i<=k} lambda_i >= eps * sum_i lambda_i``. Negative eigenvalues (round-off of a
+    semi-definite matrix) count as zero; ``eps == 1`` keeps every eigenvalue, an all-zero
+    spectrum keeps one. The eigenvalues may be given in any order.
+    """
+    eps = check_eps(eps)
+    values = torch.as_tensor(eigenvalues).detach().reshape(-1)
+    if values.numel() == 0:
+        raise ValueError("explained_rank needs at least one eigenvalue")
+    values = values.to(torch.float64).sort(descending=True).values
+    return int(_rank_tensor(values, eps))
+
+
+def mode_gram(x: Tensor, mode: int) -> Tensor:
+    """Gram matrix ``X_(n) X_(n)^T`` of the mode-``mode`` unfolding of x, shape (I_n, I_n).
+
+    Entry (i, j) is the inner product of the slices x[..., i, ...] and x[..., j, ...] taken
+    along ``mode``. The first and last modes need no copy of x; a middle mode is made
+    contiguous first, unless few slices lie before it, when a batched product is cheaper.
+    """
+    mode = mode % x.ndim
+    size = x.shape[mode]
+    before = math.prod(x.shape[:mode])
+    after = math.prod(x.shape[mode + 1 :])
+    v = x.reshape(before, size, after)
+    if before == 1:
+        m = v[0]
+        return m @ m.T
+    if after == 1:
+        m = v[:, :, 0]
+        return m.T @ m
+    if before <= 64:
+        return torch.bmm(v, v.transpose(1, 2)).sum(0)
+    m = v.transpose(0, 1).reshape(size, before * after)
+    return m @ m.T
+
+
+def _top_eigenvectors(grams: list[Tensor], eps: float) -> list[Tensor]:
+    """Top eigenvectors of each Gram matrix by explained variance, with one host sync.
+
+    Raises NonFiniteActivationError when the tensor behind the Gram matrices holds NaN/Inf
+    (its squared norm, the trace of any of its Gram matrices, is then not finite).
+    """
+    finite = torch.isfinite(grams[0].diagonal().sum())
+    vectors, ranks = [], []
+    for g in grams:
+        g = torch.where(torch.isfinite(g), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        values, vecs = torch.linalg.eigh(g)
+        vectors.append(vecs.flip(-1))
+        ranks.append(_rank_tensor(values.flip(-1), eps))
+    host = torch.stack([finite.long(), *[r.long() for r in ranks]]).tolist()
+    if not host[0]:
+        raise NonFiniteActivationError("the activation holds NaN or Inf values")
+    return [v[:, :k] for v, k in zip(vectors, host[1:])]
+
+
+@torch.no_grad()
+def hosvd(x: Tensor, eps: float) -> Tucker:
+    """Truncated higher-order SVD of x with per-mode ranks from explained variance.
+
+    For every mode n, the factor U_n holds the top-K_n eigenvectors of the Gram matrix
+    G_n = X_(n) X_(n)^T, with K_n the smallest rank explaining a fraction ``eps`` of
+    ||X||_F^2 (:func:`explained_rank`). The core is ``S = X x_0 U_0^T x_1 U_1^T ...``, so that
+    ``X ~ S x_0 U_0 x_1 U_1 ...`` is the orthogonal projection of X onto the product of the
+    mode subspaces; at ``eps == 1`` it is exact. Computed in float32 (float64 for float64
+    input), returned in x's dtype as contiguous tensors that share no storage with x.
+    """
+    eps = check_eps(eps)
+    if x.ndim < 1 or x.numel() == 0:
+        raise ValueError(f"hosvd needs a non-empty tensor, got shape {tuple(x.shape)}")
+    xc = x.detach().to(_compute_dtype(x))
+    factors = _top_eigenvectors([mode_gram(xc, n) for n in range(xc.ndim)], eps)
+    core = xc
+    # Project the modes that shrink the most first: every later product then works on less.
+    for mode in sorted(range(xc.ndim), key=lambda n: factors[n].shape[1] / xc.shape[n]):
+        core = _mode_product(core, factors[mode].T, mode)
+    return Tucker(
+        core.to(x.dtype).contiguous(),
+        tuple(u.to(x.dtype).contiguous() for u in factors),
+    )
+
+
+@torch.no_grad()
+def truncated_svd(x: Tensor, eps: float) -> LowRank:
+    """Rank-k truncated SVD of the mode-0 unfolding ``X_(0)`` (I_0 x rest) of x.
+
+    k is the smallest rank explaining a fraction ``eps`` of ||X||_F^2. The eigen-decomposition
+    is taken of the smaller of the two Gram matrices: with I_0 <= rest, U holds the top-k
+    eigenvectors of X_(0) X_(0)^T and ``left = U``, ``right = U^T X_(0)``; otherwise V holds
+    those of X_(0)^T X_(0) and ``left = X_(0) V``, ``right = V^T``. Either way
+    ``left @ right = U_k S_k V_k^T``. ``right`` keeps x's trailing shape: (k, *x.shape[1:]).
+    """
+    eps = check_eps(eps)
+    if x.ndim < 2 or x.numel() == 0:
+        raise ValueError(f"truncated_svd needs a non-empty tensor of 2 or more dims, got {tuple(x.shape)}")
+    m = x.detach().to(_compute_dtype(x)).reshape(x.shape[0], -1)
+    if m.shape[0] <= m.shape[1]:
+        (u,) = _top_eigenvectors([m @ m.T], eps)
+        left, right = u, u.T @ m
+    else:
+        (v,) = _top_eigenvectors([m.T @ m], eps)
+        left, right = m @ v, v.T
+    k = left.shape[1]
+    return LowRank(
+        left.to(x.dtype).contiguous(),
+        right.to(x.dtype).reshape(k, *x.shape[1:]).contiguous(),
+    )

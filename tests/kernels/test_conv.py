@@ -1,0 +1,172 @@
+"""Conv1d / Conv2d kernels against plain autograd, in float64, over a grid of configurations."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actcomp
+from actcomp.decompose import hosvd, truncated_svd
+from actcomp.kernels.conv import ConvGeometry, tucker_weight_grad
+from conftest import rel_err
+
+# (dims, in, out, kernel, stride, padding, dilation, groups, padding_mode)
+LAYERS = [
+    (2, 4, 6, 3, 1, 1, 1, 1, "zeros"),  # dense 3x3
+    (2, 4, 6, 1, 1, 0, 1, 1, "zeros"),  # pointwise
+    (2, 4, 6, 3, 2, 1, 1, 1, "zeros"),  # strided
+    (2, 4, 6, (3, 2), (2, 1), (1, 0), (2, 1), 1, "zeros"),  # rectangular, dilated
+    (2, 4, 6, 3, 1, 1, 1, 2, "zeros"),  # grouped
+    (2, 6, 6, 3, 1, 1, 1, 6, "zeros"),  # depthwise
+    (2, 3, 6, 3, 2, 1, 1, 3, "zeros"),  # depthwise, channel multiplier 2
+    (2, 4, 6, 4, 1, "same", 1, 1, "zeros"),  # 'same' with an even kernel: asymmetric padding
+    (2, 4, 6, 2, 1, "same", 2, 2, "zeros"),  # 'same', dilated, grouped
+    (2, 4, 6, 3, 1, "valid", 1, 1, "zeros"),
+    (2, 4, 6, 3, 1, 1, 1, 1, "reflect"),
+    (2, 4, 6, 3, 2, 2, 1, 2, "replicate"),
+    (2, 4, 4, 3, 1, 1, 1, 4, "circular"),
+    (2, 4, 6, 4, 1, "same", 1, 1, "reflect"),  # asymmetric reflect padding
+    (1, 4, 6, 3, 1, 1, 1, 1, "zeros"),
+    (1, 4, 6, 5, 2, 2, 2, 2, "zeros"),
+    (1, 6, 6, 3, 1, 1, 1, 6, "circular"),
+    (1, 4, 6, 4, 1, "same", 1, 1, "replicate"),
+]
+IDS = [f"{d}d-{i}-{o}-k{k}-s{s}-p{p}-d{dl}-g{g}-{m}" for d, i, o, k, s, p, dl, g, m in LAYERS]
+
+
+def make_layer(spec, bias):
+    dims, c_in, c_out, k, s, p, dl, g, mode = spec
+    cls = nn.Conv1d if dims == 1 else nn.Conv2d
+    return cls(c_in, c_out, k, s, p, dl, g, bias=bias, padding_mode=mode).double()
+
+
+def make_input(layer, batch=5):
+    spatial = (9,) * (layer.weight.ndim - 2)
+    # Post-ReLU and smooth, like real activations, so that eps < 1 truncates something.
+    x = torch.randn(batch, layer.in_channels, *(n + 2 for n in spatial), dtype=torch.float64)
+    pool = F.avg_pool1d if len(spatial) == 1 else F.avg_pool2d
+    return F.relu(pool(x, 3, 1)).requires_grad_()
+
+
+def grads(layer, x):
+    layer.zero_grad()
+    x.grad = None
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    out = [x.grad.clone(), layer.weight.grad.clone()]
+    if layer.bias is not None:
+        out.append(layer.bias.grad.clone())
+    return y.detach(), out
+
+
+@pytest.mark.parametrize("spec", LAYERS, ids=IDS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("method", ["hosvd", "svd"])
+def test_eps_one_equals_plain_autograd(spec, bias, method):
+    layer = make_layer(spec, bias)
+    x = make_input(layer)
+    torch.manual_seed(1)
+    y_ref, ref = grads(layer, x)
+    actcomp.compress(layer, method=method, eps=1.0)
+    torch.manual_seed(1)
+    y, ours = grads(layer, x)
+    assert torch.equal(y, y_ref)  # the forward is the plain forward
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("spec", LAYERS, ids=IDS)
+@pytest.mark.parametrize("method, eps", [("hosvd", 0.7), ("hosvd", 0.9), ("svd", 0.7)])
+def test_eps_below_one_equals_autograd_on_reconstruction(spec, method, eps):
+    layer = make_layer(spec, True)
+    x = make_input(layer)
+    factors = hosvd(x, eps) if method == "hosvd" else truncated_svd(x, eps)
+    x_hat = factors.reconstruct().requires_grad_()
+    assert rel_err(x_hat, x) > 1e-6  # something was truncated
+    torch.manual_seed(1)
+    _, on_reconstruction = grads(layer, x_hat)
+    torch.manual_seed(1)
+    _, exact = grads(layer, x)
+    actcomp.compress(layer, method=method, eps=eps)
+    torch.manual_seed(1)
+    _, ours = grads(layer, x)
+    assert rel_err(ours[1], on_reconstruction[1]) < 1e-10  # dW from the factors
+    assert rel_err(ours[0], exact[0]) < 1e-10  # dX exact from the weight
+    assert rel_err(ours[2], exact[2]) < 1e-10  # db exact
+    assert actcomp.stats(layer)[""].ranks == (factors.ranks if method == "hosvd" else (factors.rank,))
+
+
+@pytest.mark.parametrize("spec", [s for s in LAYERS if s[7] > 1], ids=[i for s, i in zip(LAYERS, IDS) if s[7] > 1])
+def test_both_channel_routes_agree(spec):
+    layer = make_layer(spec, False)
+    x = make_input(layer).detach()
+    y = layer(x)
+    dy = torch.randn_like(y)
+    tucker = hosvd(x, 0.8)
+    geometry = ConvGeometry.of(layer)
+    contract = tucker_weight_grad(tucker, dy, layer.weight.shape, geometry, route="contract")
+    expand = tucker_weight_grad(tucker, dy, layer.weight.shape, geometry, route="expand")
+    assert rel_err(contract, expand) < 1e-12
+    with pytest.raises(ValueError, match="route"):
+        tucker_weight_grad(tucker, dy, layer.weight.shape, geometry, route="sideways")
+
+
+def test_frozen_weight_keeps_nothing_and_input_grad_is_exact():
+    layer = make_layer(LAYERS[0], True)
+    layer.weight.requires_grad_(False)
+    x = make_input(layer)
+    y_ref = layer(x)
+    dy = torch.randn_like(y_ref)
+    (ref,) = torch.autograd.grad(y_ref, x, dy)
+    actcomp.compress(layer)
+    with actcomp.count_saved(layer) as saved:
+        y = layer(x)
+    (ours,) = torch.autograd.grad(y, x, dy)
+    assert saved.saved_bytes == 0
+    assert rel_err(ours, ref) < 1e-12
+    assert actcomp.stats(layer)[""].kept_bytes == 0
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_unbatched_input(dims):
+    layer = make_layer((dims, 3, 4, 3, 1, 1, 1, 1, "zeros"), True)
+    x = make_input(layer, batch=1)[0].detach().requires_grad_()
+    torch.manual_seed(1)
+    _, ref = grads(layer, x)
+    actcomp.compress(layer, eps=1.0)
+    torch.manual_seed(1)
+    _, ours = grads(layer, x)
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["hosvd", "svd"])
+def test_bfloat16_autocast_factors_in_activation_dtype(method):
+    layer = nn.Conv2d(4, 6, 3, padding=1)
+    x = F.relu(torch.randn(4, 4, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = layer(x)
+    actcomp.compress(layer, method=method, eps=0.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with actcomp.count_saved(layer) as saved:
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    assert torch.isfinite(layer.weight.grad).all()
+    assert saved.shapes and all(dtype == torch.bfloat16 for _, dtype in saved.shapes)
+
+
+@pytest.mark.parametrize("dims, c", itertools.product([1, 2], [5]))
+def test_nan_activation_raises_naming_the_layer(dims, c):
+    model = nn.Sequential(make_layer((dims, c, 4, 3, 1, 1, 1, 1, "zeros"), True))
+    actcomp.compress(model)
+    x = make_input(model[0]).detach()
+    x[0, 0, 0] = float("nan")
+    cls = "Conv1d" if dims == 1 else "Conv2d"
+    with pytest.raises(FloatingPointError, match=f"layer '0' \\({cls}\\).*NaN or Inf"):
+        model(x)
