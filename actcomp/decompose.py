@@ -49,6 +49,15 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _own(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype``, contiguous and owning exactly its storage: a slice would keep the whole
+    tensor it was cut from alive (a (n, 1) column slice even counts as contiguous)."""
+    t = t.to(dtype).contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def _rank_tensor(eigenvalues_desc: Tensor, eps: float) -> Tensor:
     """Smallest k with sum_{i<k} lambda_i >= eps * sum_i lambda_i, as a 0-d tensor (no sync)."""
     n = eigenvalues_desc.shape[-1]
@@ -139,10 +148,7 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
     # Project the modes that shrink the most first: every later product then works on less.
     for mode in sorted(range(xc.ndim), key=lambda n: factors[n].shape[1] / xc.shape[n]):
         core = _mode_product(core, factors[mode].T, mode)
-    return Tucker(
-        core.to(x.dtype).contiguous(),
-        tuple(u.to(x.dtype).contiguous() for u in factors),
-    )
+    return Tucker(_own(core, x.dtype), tuple(_own(u, x.dtype) for u in factors))
 
 
 @torch.no_grad()
@@ -166,7 +172,4 @@ def truncated_svd(x: Tensor, eps: float) -> LowRank:
         (v,) = _top_eigenvectors([m.T @ m], eps)
         left, right = m @ v, v.T
     k = left.shape[1]
-    return LowRank(
-        left.to(x.dtype).contiguous(),
-        right.to(x.dtype).reshape(k, *x.shape[1:]).contiguous(),
-    )
+    return LowRank(_own(left, x.dtype), _own(right.reshape(k, *x.shape[1:]), x.dtype))

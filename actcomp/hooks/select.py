@@ -9,13 +9,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from actcomp.kernels import kernel_for, supported_types
+from actcomp.kernels import base_type, kernel_for, supported_types
 
 LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 
 def describe(name: str, module: nn.Module) -> str:
-    return f"layer '{name}' ({type(module).__name__})"
+    return f"layer '{name}' ({base_type(module).__name__})"
 
 
 def _unsupported(name: str, module: nn.Module) -> ValueError:

@@ -16,7 +16,7 @@ from torch import nn
 
 from actcomp.config import CompressionConfig, LayerStats
 from actcomp.hooks.select import LayerSelector, select_layers
-from actcomp.kernels import kernel_for
+from actcomp.kernels import base_type, kernel_for
 from actcomp.kernels.common import LayerState, record_stats
 
 _STATE = "_actcomp_layer"
@@ -65,10 +65,6 @@ def compressed_class(base: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-def _base_class(module: nn.Module) -> type[nn.Module]:
-    return type(module)._actcomp_base if hasattr(module, _STATE) else type(module)
-
-
 def compress(
     model: nn.Module,
     layers: LayerSelector = "all",
@@ -98,7 +94,7 @@ def compress(
     modules = dict(model.named_modules())
     for name in select_layers(model, layers, sample):
         module = modules[name]
-        base = _base_class(module)
+        base = base_type(module)
         module.__class__ = compressed_class(base)
         setattr(module, _STATE, LayerState(name=name, layer_type=base.__name__, config=config))
     return model

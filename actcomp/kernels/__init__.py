@@ -31,10 +31,15 @@ def register_kernel(*module_types: type[nn.Module]) -> Callable[[Kernel], Kernel
     return decorate
 
 
+def base_type(module: nn.Module) -> type[nn.Module]:
+    """The module's own class: for a compressed module, the class it had before compress."""
+    return getattr(type(module), "_actcomp_base", type(module))
+
+
 def kernel_for(module_type: type[nn.Module]) -> Kernel | None:
     """The kernel registered for exactly ``module_type`` (subclasses do not inherit it: they
-    may override ``forward``), or None."""
-    return _REGISTRY.get(module_type)
+    may override ``forward``), or None. A compressed module's class maps to its base's kernel."""
+    return _REGISTRY.get(getattr(module_type, "_actcomp_base", module_type))
 
 
 def supported_types() -> tuple[str, ...]:
