@@ -104,7 +104,12 @@ def mode_gram(x: Tensor, mode: int) -> Tensor:
         m = v[:, :, 0]
         return m.T @ m
     if before <= 64:
-        return torch.bmm(v, v.transpose(1, 2)).sum(0)
+        if before * size * size * 8 <= x.numel():
+            return torch.bmm(v, v.transpose(1, 2)).sum(0)
+        gram = v[0] @ v[0].T
+        for i in range(1, before):
+            gram.addmm_(v[i], v[i].T)
+        return gram
     m = v.transpose(0, 1).reshape(size, before * after)
     return m @ m.T
 

@@ -56,7 +56,8 @@ def test_eps_out_of_range_is_rejected(eps):
         truncated_svd(torch.randn(3, 4), eps)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+# (2, 3, 40, 40): mode 1 takes the batched product; (6, 5, 7, 4): the in-place sum; (70, 3, 4, 5): the copy.
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 40, 40)])
 def test_mode_gram_matches_unfolding(shape):
     x = torch.randn(shape, dtype=torch.float64)
     for mode in range(len(shape)):
