@@ -117,20 +117,31 @@ def mode_gram(x: Tensor, mode: int) -> Tensor:
 def _top_eigenvectors(grams: list[Tensor], eps: float) -> list[Tensor]:
     """Top eigenvectors of each Gram matrix by explained variance, with one host sync.
 
+    On an accelerator the Gram matrices (small: I_n x I_n) travel to the host in one copy,
+    the only sync, and are decomposed there: ``torch.linalg.eigh`` on CUDA synchronises once per
+    call to check its result, and the ranks must reach the host anyway to size the factors.
+    The chosen eigenvectors travel back in one non-blocking copy.
+
     Raises NonFiniteActivationError when the tensor behind the Gram matrices holds NaN/Inf
     (its squared norm, the trace of any of its Gram matrices, is then not finite).
     """
-    finite = torch.isfinite(grams[0].diagonal().sum())
-    vectors, ranks = [], []
-    for g in grams:
-        g = torch.where(torch.isfinite(g), g, torch.zeros((), dtype=g.dtype, device=g.device))
-        values, vecs = torch.linalg.eigh(g)
-        vectors.append(vecs.flip(-1))
-        ranks.append(_rank_tensor(values.flip(-1), eps))
-    host = torch.stack([finite.long(), *[r.long() for r in ranks]]).tolist()
-    if not host[0]:
+    device = grams[0].device
+    if device.type != "cpu":
+        sizes = [g.shape[0] for g in grams]
+        flat = torch.cat([g.reshape(-1) for g in grams]).cpu()
+        host = [m.view(n, n) for m, n in zip(flat.split([n * n for n in sizes]), sizes)]
+        vectors = _top_eigenvectors(host, eps)
+        packed = torch.cat([v.reshape(-1) for v in vectors]).pin_memory().to(device, non_blocking=True)
+        parts = packed.split([v.numel() for v in vectors])
+        return [p.view(v.shape) for p, v in zip(parts, vectors)]
+    if not bool(torch.isfinite(grams[0].diagonal().sum())):
         raise NonFiniteActivationError("the activation holds NaN or Inf values")
-    return [v[:, :k] for v, k in zip(vectors, host[1:])]
+    out = []
+    for g in grams:
+        values, vecs = torch.linalg.eigh(g)
+        k = int(_rank_tensor(values.flip(-1), eps))
+        out.append(vecs.flip(-1)[:, :k])
+    return out
 
 
 @torch.no_grad()

@@ -73,16 +73,22 @@ def unpack(kind: type, tensors: tuple[Tensor, ...]) -> LowRank | Tucker:
     return LowRank(*tensors)
 
 
-def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Cast floating tensors to the autocast dtype when autocast is on for their device.
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a conv/linear on x's device in, or None when it is off.
 
-    A kernel's autograd Function runs with autocast off; casting here, outside it, makes the
-    layer compute in the same dtype as the plain layer under autocast, while autograd routes
-    the gradient back through the cast to the float32 parameters.
+    A kernel's autograd Function runs with autocast off and casts the weight and bias to this
+    dtype inside its forward, so that the layer computes exactly what the plain layer computes
+    under autocast, while the Function saves the parameter itself (no extra memory) instead of
+    the cast copy plain autocast keeps.
     """
-    first = next(t for t in tensors if t is not None)
-    device_type = first.device.type
+    device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """t in ``dtype`` (None and non-floating tensors unchanged; no dtype: unchanged)."""
+    if t is None or dtype is None or not t.is_floating_point():
+        return t
+    return t.to(dtype)

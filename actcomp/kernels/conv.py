@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from actcomp.factors import LowRank, Tucker, _mode_product
 from actcomp.kernels import register_kernel
-from actcomp.kernels.common import LayerState, autocast_inputs, compress_activation, record_stats, unpack
+from actcomp.kernels.common import LayerState, autocast_dtype, cast, compress_activation, record_stats, unpack
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -202,12 +202,19 @@ class CompressedConv(torch.autograd.Function):
     """conv(x, W, b) that keeps low-rank factors of x (not x) for the weight gradient."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry, layer: LayerState) -> Tensor:
-        return geometry.conv(x, weight, bias)
+    def forward(
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        geometry: ConvGeometry,
+        layer: LayerState,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        return geometry.conv(x, cast(weight, dtype), cast(bias, dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, geometry, layer = inputs
+        x, weight, bias, geometry, layer, _ = inputs
         ctx.geometry = geometry
         ctx.input_shape = x.shape
         ctx.has_bias = bias is not None
@@ -227,16 +234,17 @@ class CompressedConv(torch.autograd.Function):
         g: ConvGeometry = ctx.geometry
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(grad_out, weight, ctx.input_shape, g)
+            grad_x = _input_grad(grad_out, weight.to(grad_out.dtype), ctx.input_shape, g)
         if ctx.needs_input_grad[1]:
             factors = unpack(ctx.kind, tuple(saved))
             if isinstance(factors, Tucker):
                 grad_w = tucker_weight_grad(factors, grad_out, weight.shape, g)
             else:
                 grad_w = lowrank_weight_grad(factors, grad_out, weight.shape, g)
+            grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dim=(0, *range(2, grad_out.ndim)))
-        return grad_x, grad_w, grad_b, None, None
+            grad_b = grad_out.sum(dim=(0, *range(2, grad_out.ndim))).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 @register_kernel(nn.Conv1d, nn.Conv2d)
@@ -245,7 +253,8 @@ def conv_kernel(module: nn.Conv1d | nn.Conv2d, x: Tensor, layer: LayerState) -> 
     unbatched = x.ndim == len(module.kernel_size) + 1
     if unbatched:
         x = x.unsqueeze(0)
-    x, weight, bias = autocast_inputs(x, module.weight, module.bias)
+    dtype = autocast_dtype(x)
+    x = cast(x, dtype)
     with torch.autocast(x.device.type, enabled=False):
-        y = CompressedConv.apply(x, weight, bias, ConvGeometry.of(module), layer)
+        y = CompressedConv.apply(x, module.weight, module.bias, ConvGeometry.of(module), layer, dtype)
     return y.squeeze(0) if unbatched else y

@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from actcomp.factors import LowRank, Tucker, _mode_product
 from actcomp.kernels import register_kernel
-from actcomp.kernels.common import LayerState, autocast_inputs, compress_activation, record_stats, unpack
+from actcomp.kernels.common import LayerState, autocast_dtype, cast, compress_activation, record_stats, unpack
 
 
 def tucker_weight_grad(tucker: Tucker, grad_out: Tensor) -> Tensor:
@@ -45,12 +45,12 @@ class CompressedLinear(torch.autograd.Function):
     """linear(x, W, b) that keeps low-rank factors of x (not x) for the weight gradient."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerState) -> Tensor:
-        return F.linear(x, weight, bias)
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerState, dtype: torch.dtype | None) -> Tensor:
+        return F.linear(x, cast(weight, dtype), cast(bias, dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, layer = inputs
+        x, weight, bias, layer, _ = inputs
         ctx.has_bias = bias is not None
         if weight.requires_grad:
             factors = compress_activation(x, layer, unfold=x.reshape(-1, x.shape[-1]))
@@ -67,21 +67,23 @@ class CompressedLinear(torch.autograd.Function):
         weight, *saved = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ weight
+            grad_x = grad_out @ weight.to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             factors = unpack(ctx.kind, tuple(saved))
             if isinstance(factors, Tucker):
                 grad_w = tucker_weight_grad(factors, grad_out)
             else:
                 grad_w = lowrank_weight_grad(factors, grad_out)
+            grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, None
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
 
 
 @register_kernel(nn.Linear)
 def linear_kernel(module: nn.Linear, x: Tensor, layer: LayerState) -> Tensor:
     """Run ``module`` on x keeping factors of x for backward (see the module doc for the math)."""
-    x, weight, bias = autocast_inputs(x, module.weight, module.bias)
+    dtype = autocast_dtype(x)
+    x = cast(x, dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return CompressedLinear.apply(x, weight, bias, layer)
+        return CompressedLinear.apply(x, module.weight, module.bias, layer, dtype)

@@ -158,7 +158,9 @@ def test_bfloat16_autocast_factors_in_activation_dtype(method):
     y.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32
     assert torch.isfinite(layer.weight.grad).all()
-    assert saved.shapes and all(dtype == torch.bfloat16 for _, dtype in saved.shapes)
+    # The factors in bf16; the weight saved as the float32 parameter itself, not a bf16 copy.
+    assert saved.saved_bytes == actcomp.stats(layer)[""].kept_bytes
+    assert [dtype for _, dtype in saved.shapes] == [torch.float32] + [torch.bfloat16] * (len(saved.shapes) - 1)
 
 
 @pytest.mark.parametrize("dims, c", itertools.product([1, 2], [5]))
