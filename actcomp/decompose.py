@@ -152,19 +152,34 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
     G_n = X_(n) X_(n)^T, with K_n the smallest rank explaining a fraction ``eps`` of
     ||X||_F^2 (:func:`explained_rank`). The core is ``S = X x_0 U_0^T x_1 U_1^T ...``, so that
     ``X ~ S x_0 U_0 x_1 U_1 ...`` is the orthogonal projection of X onto the product of the
-    mode subspaces; at ``eps == 1`` it is exact. Computed in float32 (float64 for float64
-    input), returned in x's dtype as contiguous tensors that share no storage with x.
+    mode subspaces; at ``eps == 1`` it is exact and K_n = min(I_n, rest_n), the most an
+    unfolding's rank can be. When a mode is larger than the rest of the tensor
+    (I_n > rest_n, e.g. the features of a Linear input with a small batch), the smaller Gram
+    matrix X_(n)^T X_(n) is decomposed instead (same non-zero spectrum, V) and
+    U_n = orth(X_(n) V): the transient workspace never exceeds the activation's size squared
+    over its largest mode. Computed in float32 (float64 for float64 input), returned in x's
+    dtype as contiguous tensors that share no storage with x.
     """
     eps = check_eps(eps)
     if x.ndim < 1 or x.numel() == 0:
         raise ValueError(f"hosvd needs a non-empty tensor, got shape {tuple(x.shape)}")
     xc = x.detach().to(_compute_dtype(x))
-    factors = _top_eigenvectors([mode_gram(xc, n) for n in range(xc.ndim)], eps)
+    wide = [xc.shape[n] > xc.numel() // xc.shape[n] for n in range(xc.ndim)]
+    grams = [_unfold(xc, n).T @ _unfold(xc, n) if wide[n] else mode_gram(xc, n) for n in range(xc.ndim)]
+    factors = _top_eigenvectors(grams, eps)
+    for n in range(xc.ndim):
+        if wide[n]:  # X_(n) V has orthogonal columns of norms sqrt(lambda): orthonormalise
+            factors[n] = torch.linalg.qr(_unfold(xc, n) @ factors[n]).Q
     core = xc
     # Project the modes that shrink the most first: every later product then works on less.
     for mode in sorted(range(xc.ndim), key=lambda n: factors[n].shape[1] / xc.shape[n]):
         core = _mode_product(core, factors[mode].T, mode)
     return Tucker(_own(core, x.dtype), tuple(_own(u, x.dtype) for u in factors))
+
+
+def _unfold(x: Tensor, mode: int) -> Tensor:
+    """The mode-``mode`` unfolding X_(n), shape (I_n, rest)."""
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
 
 
 @torch.no_grad()

@@ -1,0 +1,320 @@
+"""measure(): what one training step really keeps, per module, next to plain autograd.
+
+Saved bytes are counted through ``torch.autograd.graph.saved_tensors_hooks`` once per storage
+and attributed to the innermost module running when autograd first saved that storage (a
+ReLU's output that the next conv also keeps is the ReLU's); what the loss keeps is the row
+``(loss)``, what a container's own forward code keeps is that container's row. The peak is the
+allocator's high-water mark over forward+backward above what was allocated before: on CUDA from
+``torch.cuda.max_memory_allocated``, on CPU from the allocation events of ``torch.profiler``
+(private profiler API: where it is missing, ``peak_bytes`` is None and ``peak_source`` says so).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from actcomp.hooks.swap import compress, compressed_layers, restore
+from actcomp.kernels import base_type
+
+LOSS_ROW = "(loss)"
+OUTSIDE_ROW = "(outside modules)"
+
+
+@dataclass
+class ModuleMemory:
+    """One row: bytes autograd kept for one module, compressed and with plain autograd."""
+
+    name: str
+    layer_type: str
+    kind: str  # "compressed", "plain" or "other" (no module: loss, functional code)
+    saved_bytes: int
+    vanilla_saved_bytes: int | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.vanilla_saved_bytes:
+            return None
+        return self.saved_bytes / self.vanilla_saved_bytes
+
+
+@dataclass
+class MemoryReport:
+    """What one training step keeps. All figures in bytes.
+
+    ``saved_bytes``: everything autograd kept for backward (parameters excluded), the sum of
+    ``rows``. ``peak_bytes``: allocator high-water mark of forward+backward above the baseline
+    (includes gradients, the decomposition's transient workspace and every temporary).
+    ``weights_bytes``, ``grads_bytes`` (trainable parameters), ``optimizer_state_bytes`` (0
+    without an optimizer). ``vanilla_*``: the same step with compression removed.
+    """
+
+    device: str
+    rows: list[ModuleMemory]
+    saved_bytes: int
+    peak_bytes: int | None
+    peak_source: str
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_state_bytes: int
+    vanilla_saved_bytes: int | None = None
+    vanilla_peak_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_bytes(self) -> int:
+        """Weights + gradients + optimizer state + what autograd keeps: the step's resident
+        memory, the figure a budget is checked against (the peak adds temporaries)."""
+        return self.weights_bytes + self.grads_bytes + self.optimizer_state_bytes + self.saved_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["step_bytes"] = self.step_bytes
+        for row, data in zip(self.rows, out["rows"]):
+            data["ratio"] = row.ratio
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent)
+
+    def table(self) -> str:
+        """The per-module rows and the totals as aligned text."""
+        have_vanilla = self.vanilla_saved_bytes is not None
+        header = ["module", "type", "kind", "saved"] + (["plain", "ratio"] if have_vanilla else [])
+        lines = []
+        for row in self.rows:
+            line = [row.name, row.layer_type, row.kind, format_bytes(row.saved_bytes)]
+            if have_vanilla:
+                plain = row.vanilla_saved_bytes
+                line += [format_bytes(plain) if plain is not None else "-", f"{row.ratio:.3f}" if row.ratio is not None else "-"]
+            lines.append(line)
+        total = ["total", "", "", format_bytes(self.saved_bytes)]
+        if have_vanilla:
+            total += [format_bytes(self.vanilla_saved_bytes), f"{self.saved_bytes / self.vanilla_saved_bytes:.3f}" if self.vanilla_saved_bytes else "-"]
+        lines.append(total)
+        widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        text = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        text += [fmt.format(*r) for r in lines[:-1]] + [fmt.format(*("-" * w for w in widths)), fmt.format(*lines[-1])]
+        peak = format_bytes(self.peak_bytes) if self.peak_bytes is not None else "n/a"
+        summary = f"peak {peak} ({self.peak_source})"
+        if self.vanilla_peak_bytes is not None:
+            summary += f", plain {format_bytes(self.vanilla_peak_bytes)}"
+        text.append(
+            f"{summary}; weights {format_bytes(self.weights_bytes)}, grads {format_bytes(self.grads_bytes)}, "
+            f"optimizer state {format_bytes(self.optimizer_state_bytes)}, step total {format_bytes(self.step_bytes)}"
+        )
+        text += [f"note: {n}" for n in self.notes]
+        return "\n".join(text)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _storage_key(t: Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+class _Attribution:
+    """saved_tensors_hooks + module hooks: bytes saved per module, once per storage."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.seen: set[tuple[str, int]] = set()
+        self.params = {_storage_key(p) for p in model.parameters()}
+        self.per_module: dict[str, int] = {}
+
+    def pack(self, tensor: Tensor) -> Tensor:
+        key = _storage_key(tensor)
+        nbytes = tensor.untyped_storage().nbytes()
+        if key not in self.params and key not in self.seen and nbytes > 0:
+            self.seen.add(key)
+            name = self.stack[-1] if self.stack else OUTSIDE_ROW
+            self.per_module[name] = self.per_module.get(name, 0) + nbytes
+        return tensor
+
+    def run(self, fn: Callable[[], Tensor]) -> Tensor:
+        def push(module: nn.Module, *_: object) -> None:
+            self.stack.append(self.names.get(id(module), type(module).__name__))
+
+        def pop(module: nn.Module, *_: object) -> None:
+            self.stack.pop()
+
+        handles = []
+        for module in self.model.modules():
+            handles.append(module.register_forward_pre_hook(push))
+            handles.append(module.register_forward_hook(pop, always_call=True))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                return fn()
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _cpu_allocation_peak(prof: torch.profiler.profile) -> int | None:
+    """High-water mark of CPU allocations in a profile (private profiler API; None if absent)."""
+    try:
+        from torch._C._profiler import _EventType
+
+        events = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            event = stack.pop()
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+                events.append((event.start_time_ns, event.extra_fields.alloc_size))
+            stack.extend(event.children)
+    except (AttributeError, ImportError, RuntimeError):
+        return None
+    running = peak = 0
+    for _, size in sorted(events):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the optimizer's state tensors; if it has taken no step yet, those of a copy of it
+    stepped once on zero gradients (state is created lazily at the first step)."""
+    if optimizer is None:
+        return 0
+
+    def count(opt: torch.optim.Optimizer) -> int:
+        seen, total = set(), 0
+        for state in opt.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor) and _storage_key(value) not in seen:
+                    seen.add(_storage_key(value))
+                    total += value.untyped_storage().nbytes()
+        return total
+
+    if optimizer.state:
+        return count(optimizer)
+    clones = [
+        {**group, "params": [p.detach().clone().requires_grad_(p.requires_grad) for p in group["params"]]}
+        for group in optimizer.param_groups
+    ]
+    probe = type(optimizer)(clones, **optimizer.defaults)
+    for group in probe.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    probe.step()
+    return count(probe)
+
+
+def _one_step(model: nn.Module, inputs: object, targets: object, loss_fn: Callable | None, device: torch.device):
+    """Forward + loss + backward with attribution and peak; gradients are left as they were."""
+    saved_grads = {p: p.grad for p in model.parameters()}
+    attribution = _Attribution(model)
+
+    def forward() -> Tensor:
+        out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        attribution.stack.append(LOSS_ROW)
+        try:
+            if loss_fn is not None:
+                return loss_fn(out, targets) if targets is not None else loss_fn(out)
+            return out.float().pow(2).mean() if isinstance(out, Tensor) else out
+        finally:
+            attribution.stack.pop()
+
+    for p in model.parameters():
+        p.grad = None
+    peak: int | None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = attribution.run(forward)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        peak, source = torch.cuda.max_memory_allocated(device) - baseline, "cuda allocator"
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = attribution.run(forward)
+            loss.backward()
+        peak = _cpu_allocation_peak(prof)
+        source = "cpu profiler allocation events" if peak is not None else "unavailable on cpu (only saved bytes)"
+    for p, grad in saved_grads.items():
+        p.grad = grad
+    return attribution.per_module, peak, source
+
+
+def measure(
+    model: nn.Module,
+    inputs: object,
+    targets: object = None,
+    loss_fn: Callable | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    vanilla: bool = True,
+) -> MemoryReport:
+    """Run one forward+backward of ``model`` on ``inputs`` and report what it kept.
+
+    ``inputs`` is a tensor or a tuple of forward arguments; the loss is
+    ``loss_fn(model(inputs), targets)`` (``loss_fn(output)`` without targets; the mean square
+    of the output without a loss_fn). Saved bytes are counted per storage and attributed per
+    module; the sum over rows equals ``saved_bytes``. With ``vanilla=True`` the same step is
+    run again with compression removed and put back afterwards (settings unchanged), so every
+    row has a plain-autograd figure. The model's parameters and gradients are left as they were
+    (BatchNorm running statistics are updated by the forward passes, as in training).
+    """
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    kinds = {name: "compressed" for name in compressed_layers(model)}
+    modules = dict(model.named_modules())
+    per_module, peak, source = _one_step(model, inputs, targets, loss_fn, device)
+    vanilla_per_module, vanilla_peak = None, None
+    if vanilla:
+        configs = compressed_layers(model)
+        restore(model)
+        try:
+            vanilla_per_module, vanilla_peak, _ = _one_step(model, inputs, targets, loss_fn, device)
+        finally:
+            for name, config in configs.items():
+                compress(model, [name], config=config)
+    rows = []
+    names = list(dict.fromkeys([*per_module, *(vanilla_per_module or {})]))
+    order = {n: i for i, n in enumerate(modules)}
+    for name in sorted(names, key=lambda n: order.get(n, len(order))):
+        module = modules.get(name)
+        rows.append(
+            ModuleMemory(
+                name=name,
+                layer_type=base_type(module).__name__ if module is not None else "-",
+                kind=kinds.get(name, "plain" if module is not None else "other"),
+                saved_bytes=per_module.get(name, 0),
+                vanilla_saved_bytes=vanilla_per_module.get(name, 0) if vanilla_per_module is not None else None,
+            )
+        )
+    notes = []
+    if device.type == "cpu" and peak is not None:
+        notes.append("cpu peak from profiler allocation events: includes every temporary of forward+backward")
+    return MemoryReport(
+        device=str(device),
+        rows=rows,
+        saved_bytes=sum(per_module.values()),
+        peak_bytes=peak,
+        peak_source=source,
+        weights_bytes=sum(p.numel() * p.element_size() for p in params),
+        grads_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        optimizer_state_bytes=_optimizer_state_bytes(optimizer),
+        vanilla_saved_bytes=sum(vanilla_per_module.values()) if vanilla_per_module is not None else None,
+        vanilla_peak_bytes=vanilla_peak,
+        notes=notes,
+    )
