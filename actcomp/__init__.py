@@ -14,12 +14,22 @@ from actcomp.decompose import explained_rank, hosvd, truncated_svd
 from actcomp.factors import LowRank, Tucker
 from actcomp.hooks import compress, compressed_layers, restore, stats
 from actcomp.kernels import register_kernel, supported_types
-from actcomp.memory import SavedTensors, count_saved
+from actcomp.devices import DeviceProfile, list_devices, load_device
+from actcomp.memory import MemoryReport, SavedTensors, count_saved, measure
+from actcomp.memory.plan import LayerChoice, Plan, plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressionConfig",
+    "DeviceProfile",
+    "LayerChoice",
+    "MemoryReport",
+    "Plan",
+    "list_devices",
+    "load_device",
+    "measure",
+    "plan",
     "LayerStats",
     "LowRank",
     "SavedTensors",

@@ -36,6 +36,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _devices(args: argparse.Namespace) -> int:
+    from actcomp.devices import list_devices, load_device
+    from actcomp.memory import format_bytes
+
+    devices = [load_device(args.file)] if args.file else list_devices()
+    header = ("name", "kind", "RAM", "flash", "reserve", "budget", "peak", "title")
+    rows = [
+        (
+            d.name, d.kind, format_bytes(d.ram_bytes), format_bytes(d.flash_bytes), format_bytes(d.reserve_bytes),
+            format_bytes(d.budget_bytes), f"{d.peak_ops_per_s / 1e9:g} G/s {d.peak_precision}", d.title,
+        )
+        for d in devices
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*header))
+    for row in rows:
+        print(fmt.format(*row))
+    if args.sources:
+        for d in devices:
+            print(f"{d.name}: {d.source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="actcomp",
@@ -58,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
+
+    devices = sub.add_parser("devices", help="list the device profiles (RAM, flash, budget, peak compute)")
+    devices.add_argument("--file", metavar="PATH", help="check and show your own profile file instead")
+    devices.add_argument("--sources", action="store_true", help="also print each profile's datasheet source")
+    devices.set_defaults(run=_devices)
     return parser
 
 

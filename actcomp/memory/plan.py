@@ -1,0 +1,401 @@
+"""plan(): which layers to train and with which eps, so that a training step fits a budget.
+
+On calibration batches the planner measures, for every candidate layer and every eps of a
+grid, what the layer's compressed kernel keeps (bytes of its factors, taken from the real
+kernel) and the relative error of its weight gradient against the exact one,
+||dW_eps - dW|| / ||dW||. A layer left frozen costs nothing and has error 1 (no gradient at all).
+Training layers from the s-th candidate on (in execution order) also makes everything after it
+keep what backward needs through it (ReLU, BatchNorm, the loss): that overhead O(s) is measured
+too, with saved_tensors_hooks, for every s. Then, for each s, a multiple-choice knapsack over
+the candidates from s on (min total error subject to O(s) + sum of bytes <= budget) is solved
+exactly by merging Pareto frontiers of (bytes, error); the best s wins. This is ASI's planner
+(ICML 2025), with the overhead of the trained suffix made part of the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from actcomp.config import CompressionConfig
+from actcomp.devices import DeviceProfile, load_device
+from actcomp.hooks.select import LayerSelector, execution_order, select_layers
+from actcomp.hooks.swap import compress, restore, stats
+from actcomp.kernels import base_type
+from actcomp.memory.measure import format_bytes
+from actcomp.memory.saved import count_saved
+
+DEFAULT_EPS_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_bytes(budget: int | float | str) -> int:
+    """``"512KiB"`` -> 524288, ``"1.5MB"`` -> 1500000, ``4096`` -> 4096."""
+    if isinstance(budget, bool):
+        raise ValueError(f"budget must be a number of bytes or a string like '512KiB', got {budget!r}")
+    if isinstance(budget, (int, float)):
+        value = float(budget)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?i?[bB]?)\s*", str(budget))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"budget must be a number of bytes or a string like '512KiB' or '2MB', got {budget!r}")
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"budget must be positive, got {budget!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What the plan does with one candidate layer."""
+
+    name: str
+    layer_type: str
+    train: bool
+    eps: float | None  # None when frozen
+    kept_bytes: int  # factors kept for backward (0 when frozen)
+    param_bytes: int  # its parameters: gradients (and optimizer state) cost this again when trained
+    grad_error: float  # ||dW_eps - dW|| / ||dW|| measured on the calibration batches; 1 when frozen
+
+
+@dataclass
+class Plan:
+    """The chosen layers and eps, with the memory the planner predicts for one step."""
+
+    budget_bytes: int
+    scope: str  # "activations" or "step"
+    method: str
+    choices: list[LayerChoice]
+    overhead_bytes: int  # what the rest of the step keeps (ReLU, BatchNorm, loss, ...)
+    fixed_bytes: int  # weights (scope "step"), else 0
+    optimizer_copies: int
+    device: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trained(self) -> list[LayerChoice]:
+        return [c for c in self.choices if c.train]
+
+    @property
+    def predicted_saved_bytes(self) -> int:
+        """Bytes autograd keeps in one step under this plan (as measured on the calibration batches)."""
+        return self.overhead_bytes + sum(c.kept_bytes for c in self.choices)
+
+    @property
+    def predicted_bytes(self) -> int:
+        """What is checked against the budget: saved bytes, plus for scope 'step' the weights and
+        the gradients and optimizer state of the trained layers."""
+        if self.scope == "activations":
+            return self.predicted_saved_bytes
+        grads = sum(c.param_bytes for c in self.trained) * (1 + self.optimizer_copies)
+        return self.fixed_bytes + grads + self.predicted_saved_bytes
+
+    @property
+    def total_error(self) -> float:
+        return sum(c.grad_error for c in self.choices)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Freeze the model but the trained layers and compress from the first trained layer on.
+
+        Trained layers get the chosen eps; candidates after the first trained one that stay
+        frozen are compressed too, which makes them keep nothing (their input gradient needs
+        only the weight). Layers before the first trained one are untouched and frozen.
+        Returns ``model``.
+        """
+        restore(model)
+        model.requires_grad_(False)
+        modules = dict(model.named_modules())
+        names = [c.name for c in self.choices]
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"this plan was made for another model: no layer named {missing[0]!r}")
+        started = False
+        for choice in self.choices:
+            started = started or choice.train
+            if not started:
+                continue
+            module = modules[choice.name]
+            if choice.train:
+                module.requires_grad_(True)
+            compress(model, [choice.name], config=CompressionConfig(self.method, choice.eps or 1.0))
+        return model
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(predicted_saved_bytes=self.predicted_saved_bytes, predicted_bytes=self.predicted_bytes, total_error=self.total_error)
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        data = json.loads(text)
+        for key in ("predicted_saved_bytes", "predicted_bytes", "total_error"):
+            data.pop(key, None)
+        data["choices"] = [LayerChoice(**c) for c in data["choices"]]
+        return Plan(**data)
+
+    @staticmethod
+    def load(path: str | Path) -> "Plan":
+        return Plan.from_json(Path(path).read_text())
+
+    def table(self) -> str:
+        header = ["layer", "type", "train", "eps", "kept", "grad error"]
+        rows = [
+            [c.name, c.layer_type, "yes" if c.train else "no", f"{c.eps:g}" if c.eps is not None else "-", format_bytes(c.kept_bytes), f"{c.grad_error:.4f}"]
+            for c in self.choices
+        ]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+        target = f" ({self.device})" if self.device else ""
+        lines.append(
+            f"{len(self.trained)} of {len(self.choices)} layers trained, method {self.method}; predicted {format_bytes(self.predicted_bytes)} "
+            f"of budget {format_bytes(self.budget_bytes)}{target}, scope {self.scope} "
+            f"(saved {format_bytes(self.predicted_saved_bytes)}, of which {format_bytes(self.overhead_bytes)} outside the candidates); "
+            f"total gradient error {self.total_error:.3f}"
+        )
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _as_args(batch: object) -> tuple[tuple, object]:
+    """A calibration batch is (inputs, targets) or inputs alone; inputs a tensor or a tuple."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+    else:
+        inputs, targets = batch, None
+    return (inputs if isinstance(inputs, tuple) else (inputs,)), targets
+
+
+def _loss(model: nn.Module, batch: object, loss_fn: Callable | None) -> Tensor:
+    args, targets = _as_args(batch)
+    out = model(*args)
+    if loss_fn is None:
+        return out.float().pow(2).mean()
+    return loss_fn(out, targets) if targets is not None else loss_fn(out)
+
+
+def _capture(model: nn.Module, names: list[str], batch: object, loss_fn: Callable | None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each candidate's input and output gradient in one plain training step."""
+    modules = dict(model.named_modules())
+    captured: dict[str, list[Tensor]] = {}
+    handles = []
+    for name in names:
+        def hook(module: nn.Module, args: tuple, output: Tensor, name: str = name) -> None:
+            captured[name] = [args[0].detach()]
+            output.register_hook(lambda grad: captured[name].append(grad.detach()))
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        _loss(model, batch, loss_fn).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (v[0], v[1]) for n, v in captured.items() if len(v) == 2}
+
+
+def _layer_cost(module: nn.Module, x: Tensor, dy: Tensor, method: str, eps: float) -> tuple[int, Tensor]:
+    """Bytes the real compressed kernel keeps for x, and the weight gradient it computes."""
+    layer = copy.deepcopy(module)
+    restore(layer)
+    layer.requires_grad_(False)
+    layer.weight.requires_grad_(True)
+    compress(layer, [""], method=method, eps=eps)
+    layer.train()
+    y = layer(x)
+    (grad,) = torch.autograd.grad(y, layer.weight, dy)
+    return stats(layer)[""].kept_bytes, grad
+
+
+def _exact_grad(module: nn.Module, x: Tensor, dy: Tensor) -> Tensor:
+    layer = copy.deepcopy(module)
+    restore(layer)
+    layer.requires_grad_(False)
+    layer.weight.requires_grad_(True)
+    (grad,) = torch.autograd.grad(layer(x), layer.weight, dy)
+    return grad
+
+
+def _pareto(items: list[list[tuple[int, float, Any]]], capacity: int) -> tuple[float, int, tuple] | None:
+    """Exact multiple-choice knapsack: pick one option per item, min error s.t. bytes <= capacity.
+
+    Frontiers of non-dominated (bytes, error, picks) are merged item by item; returns the
+    (error, bytes, picks) of least error (ties: fewer bytes), or None if nothing fits.
+    """
+    frontier: list[tuple[int, float, tuple]] = [(0, 0.0, ())]
+    for options in items:
+        merged = [(b + ob, e + oe, picks + (key,)) for b, e, picks in frontier for ob, oe, key in options if b + ob <= capacity]
+        merged.sort(key=lambda t: (t[0], t[1]))
+        frontier = []
+        for entry in merged:
+            if not frontier or entry[1] < frontier[-1][1] - 1e-12:
+                frontier.append(entry)
+        if not frontier:
+            return None
+    best = min(frontier, key=lambda t: (t[1], t[0]))
+    return best[1], best[0], best[2]
+
+
+def plan(
+    model: nn.Module,
+    calib_batches: Sequence[object],
+    budget: int | float | str | None = None,
+    device: str | DeviceProfile | None = None,
+    *,
+    candidates: LayerSelector = "all",
+    method: str = "hosvd",
+    eps_grid: Sequence[float] = DEFAULT_EPS_GRID,
+    loss_fn: Callable | None = None,
+    scope: str = "activations",
+    optimizer_copies: int = 0,
+) -> Plan:
+    """Choose the layers to train and an eps for each so that a training step fits a budget.
+
+    ``calib_batches``: a few batches, each ``(inputs, targets)`` (or inputs alone with a
+    ``loss_fn`` of the output only; the mean square of the output without a loss_fn).
+    ``budget``: bytes or a string (``"512KiB"``, ``"2MB"``); or ``device``: a profile name or
+    :class:`DeviceProfile`, whose ``budget_bytes`` (RAM minus reserve) is used. ``scope``:
+    ``"activations"`` checks only what autograd keeps; ``"step"`` adds all weights and, per
+    trained layer, its gradient and ``optimizer_copies`` optimizer-state copies of its
+    parameters (0 SGD, 1 momentum, 2 Adam). ``candidates``: the layers the planner may train,
+    as for :func:`actcomp.compress`, ordered by execution. Bytes are the largest, errors the mean
+    over the calibration batches. The model is not modified (use :meth:`Plan.apply`). An
+    infeasible budget raises ValueError stating the smallest budget that trains one layer.
+    """
+    if (budget is None) == (device is None):
+        raise ValueError("give exactly one of budget= or device=")
+    profile = load_device(device) if isinstance(device, str) else device
+    budget_bytes = profile.budget_bytes if profile is not None else parse_bytes(budget)  # type: ignore[arg-type]
+    if scope not in ("activations", "step"):
+        raise ValueError(f"scope must be 'activations' or 'step', got {scope!r}")
+    grid = sorted({CompressionConfig(method, e).eps for e in eps_grid})
+    if method == "none":
+        raise ValueError("plan needs a compression method ('hosvd' or 'svd'), got 'none'")
+    batches = list(calib_batches)
+    if not batches:
+        raise ValueError("plan needs at least one calibration batch")
+
+    work = copy.deepcopy(model)
+    restore(work)
+    work.train()
+    first_args, _ = _as_args(batches[0])
+    order = execution_order(work, first_args)
+    names = select_layers(work, candidates)
+    position = {n: i for i, n in enumerate(order)}
+    names = sorted((n for n in names if n in position), key=position.__getitem__)
+    if not names:
+        raise ValueError("no candidate layer is called by the model's forward on the calibration batch")
+    modules = dict(work.named_modules())
+
+    # Per layer and eps: bytes kept (max over batches) and gradient error (mean over batches).
+    work.requires_grad_(False)
+    for n in names:
+        modules[n].weight.requires_grad_(True)
+    kept = {n: {e: 0 for e in grid} for n in names}
+    error = {n: {e: 0.0 for e in grid} for n in names}
+    for batch in batches:
+        captured = _capture(work, names, batch, loss_fn)
+        for n in names:
+            x, dy = captured[n]
+            exact = _exact_grad(modules[n], x, dy)
+            scale = exact.norm().item() or 1.0
+            for e in grid:
+                nbytes, grad = _layer_cost(modules[n], x, dy, method, e)
+                kept[n][e] = max(kept[n][e], nbytes)
+                error[n][e] += (grad - exact).norm().item() / scale / len(batches)
+
+    # Overhead O(s) of training from candidate s on: everything kept but the factors.
+    overhead = []
+    for s in range(len(names)):
+        trial = copy.deepcopy(work)
+        trial.requires_grad_(False)
+        for n in names[s:]:
+            dict(trial.named_modules())[n].weight.requires_grad_(True)
+        compress(trial, names[s:], method=method, eps=grid[0])
+        worst = 0
+        for batch in batches:
+            with count_saved(trial) as saved:
+                loss = _loss(trial, batch, loss_fn)
+            factors = sum(st.kept_bytes for st in stats(trial).values())
+            worst = max(worst, saved.saved_bytes - factors)
+            del loss
+        overhead.append(worst)
+
+    param_bytes = {n: sum(p.numel() * p.element_size() for p in modules[n].parameters()) for n in names}
+    fixed = sum(p.numel() * p.element_size() for p in work.parameters()) if scope == "step" else 0
+    per_param = (1 + optimizer_copies) if scope == "step" else 0
+
+    best: tuple[float, int, int, tuple] | None = None  # (error, bytes, s, picks)
+    cheapest: tuple[int, str, float] | None = None
+    for s in range(len(names)):
+        capacity = budget_bytes - overhead[s] - fixed
+        options = []
+        for j, n in enumerate(names[s:]):
+            train_opts = [(kept[n][e] + param_bytes[n] * per_param, error[n][e], e) for e in grid]
+            if j == 0:
+                cost, _, e = min(train_opts, key=lambda t: t[0])
+                total = cost + overhead[s] + fixed
+                if cheapest is None or total < cheapest[0]:
+                    cheapest = (total, n, e)
+            options.append([(0, 1.0, None), *train_opts])
+        if capacity < 0:
+            continue
+        solved = _pareto(options, capacity)
+        if solved is None:
+            continue
+        err, nbytes, picks = solved
+        err += s  # the layers before s are frozen: error 1 each
+        if any(p is not None for p in picks) and (best is None or (err, nbytes) < best[:2]):
+            best = (err, nbytes, s, picks)
+    if best is None:
+        assert cheapest is not None
+        raise ValueError(
+            f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes, scope {scope}) is infeasible: "
+            f"training even one layer needs at least {format_bytes(cheapest[0])} ({cheapest[0]} bytes: "
+            f"layer '{cheapest[1]}' at eps {cheapest[2]:g} with every other layer frozen)"
+        )
+    _, _, s, picks = best
+    choices = []
+    for i, n in enumerate(names):
+        e = picks[i - s] if i >= s else None
+        choices.append(
+            LayerChoice(
+                name=n,
+                layer_type=base_type(modules[n]).__name__,
+                train=e is not None,
+                eps=e,
+                kept_bytes=kept[n][e] if e is not None else 0,
+                param_bytes=param_bytes[n],
+                grad_error=error[n][e] if e is not None else 1.0,
+            )
+        )
+    first = next(i for i, c in enumerate(choices) if c.train)
+    notes = [
+        "bytes are the largest over the calibration batches: eps fixes explained variance, not rank, so other batches may keep more or less"
+    ]
+    return Plan(
+        budget_bytes=budget_bytes,
+        scope=scope,
+        method=method,
+        choices=choices,
+        overhead_bytes=overhead[first],
+        fixed_bytes=fixed,
+        optimizer_copies=optimizer_copies if scope == "step" else 0,
+        device=profile.name if profile is not None else None,
+        notes=notes,
+    )

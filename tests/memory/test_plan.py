@@ -1,0 +1,128 @@
+"""plan(): the applied plan keeps what it predicts, within budget; more budget, less error."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import actcomp
+from actcomp.memory.plan import Plan, parse_bytes, plan
+from actcomp.models import TinyMobileNet
+
+LOSS = nn.functional.cross_entropy
+
+
+def conv_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )
+
+
+MODELS = {
+    "conv_net": (conv_net, (8, 3, 16, 16), 4, "all"),
+    "tiny_mobilenet": (lambda: TinyMobileNet(4), (8, 1, 32, 32), 4, "last:5"),
+}
+
+
+def data(shape, classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randint(0, classes, (shape[0],), generator=g)
+
+
+def measured_saved_bytes(model, batch):
+    with actcomp.count_saved(model) as saved:
+        LOSS(model(batch[0]), batch[1])
+    return saved.saved_bytes
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_applied_plan_fits_and_error_falls_with_budget(name):
+    build, shape, classes, candidates = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    batch = data(shape, classes)
+    with pytest.raises(ValueError, match="is infeasible: training even one layer needs at least") as info:
+        plan(model, [batch], budget=64, loss_fn=LOSS, candidates=candidates)
+    smallest = int(str(info.value).split("(")[2].split(" bytes")[0])
+    roomy = plan(model, [batch], budget=10**9, loss_fn=LOSS, candidates=candidates)
+    largest = roomy.predicted_saved_bytes
+    budgets = [smallest + int(f * (largest - smallest)) for f in (0.0, 0.1, 0.3, 0.6, 1.0)]
+    errors = []
+    for budget in budgets:
+        p = plan(model, [batch], budget=budget, loss_fn=LOSS, candidates=candidates)
+        applied = p.apply(copy.deepcopy(model))
+        measured = measured_saved_bytes(applied, batch)
+        assert measured == p.predicted_saved_bytes <= budget
+        trained = {c.name for c in p.trained}
+        for module_name, param in applied.named_parameters():
+            assert param.requires_grad == (module_name.rsplit(".", 1)[0] in trained)
+        errors.append(p.total_error)
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0]
+
+
+def test_plan_is_not_applied_and_model_untouched():
+    torch.manual_seed(0)
+    model = conv_net()
+    state = copy.deepcopy(model.state_dict())
+    plan(model, [data((8, 3, 16, 16), 4)], budget="1MiB", loss_fn=LOSS)
+    assert not actcomp.compressed_layers(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_json_round_trip_and_table(tmp_path):
+    torch.manual_seed(0)
+    p = plan(conv_net(), [data((8, 3, 16, 16), 4), data((8, 3, 16, 16), 4, seed=1)], budget="40KiB", loss_fn=LOSS, eps_grid=(0.6, 0.9))
+    p.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again == p
+    assert "grad error" in p.table() and "budget 40.0 KiB" in p.table()
+    assert all(c.eps in (None, 0.6, 0.9) for c in p.choices)
+
+
+def test_step_scope_counts_weights_gradients_and_optimizer_state():
+    torch.manual_seed(0)
+    model = conv_net()
+    batch = data((8, 3, 16, 16), 4)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    p = plan(model, [batch], budget=weights + 60_000, loss_fn=LOSS, scope="step", optimizer_copies=2)
+    grads = sum(c.param_bytes for c in p.trained)
+    assert p.predicted_bytes == weights + 3 * grads + p.predicted_saved_bytes <= weights + 60_000
+    applied = p.apply(copy.deepcopy(model))
+    assert measured_saved_bytes(applied, batch) == p.predicted_saved_bytes
+
+
+def test_device_budget():
+    torch.manual_seed(0)
+    p = plan(conv_net(), [data((4, 3, 16, 16), 4)], device="stm32f746", loss_fn=LOSS)
+    assert p.device == "stm32f746" and p.budget_bytes == actcomp.load_device("stm32f746").budget_bytes
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one of budget= or device="),
+        ({"budget": 1, "device": "stm32h743"}, "exactly one of budget= or device="),
+        ({"budget": "12 parsecs"}, "budget must be a number of bytes"),
+        ({"device": "toaster"}, "unknown device 'toaster'"),
+        ({"budget": "1MiB", "method": "none"}, "needs a compression method"),
+        ({"budget": "1MiB", "eps_grid": (0.5, 1.5)}, "eps must be a number in"),
+        ({"budget": "1MiB", "scope": "everything"}, "scope must be"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan(conv_net(), [data((4, 3, 16, 16), 4)], loss_fn=LOSS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("512KiB", 524288), ("1.5MB", 1_500_000), ("2 GiB", 2 * 1024**3), ("100", 100), (4096, 4096), ("64kb", 64_000)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
