@@ -7,7 +7,7 @@ from typing import Any
 
 from actcomp.decompose import check_eps
 
-METHODS = ("hosvd", "svd", "none")
+METHODS = ("hosvd", "asi", "svd", "none")
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,9 @@ class CompressionConfig:
 
     ``method``: ``"hosvd"`` keeps a Tucker factorisation (core and one factor per mode, each
     mode's rank the smallest explaining a fraction ``eps`` of the activation's energy
-    ||X||_F^2); ``"svd"`` keeps a rank-k factorisation of the batch-mode unfolding (rows of all
+    ||X||_F^2); ``"asi"`` the same Tucker form with the non-batch modes' subspaces carried from
+    step to step and refined by one subspace iteration (each mode still explains at least
+    ``eps``, ranks adapt); ``"svd"`` keeps a rank-k factorisation of the batch-mode unfolding (rows of all
     leading dimensions for Linear), k chosen the same way; ``"none"`` runs plain autograd, for
     comparisons. ``eps`` is in (0, 1]; at 1 the factors are exact.
     """

@@ -15,6 +15,7 @@ tensors in the input's dtype, and synchronise with the device at most once per c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from numbers import Real
 
 import torch
@@ -24,6 +25,8 @@ from actcomp.factors import LowRank, Tucker, _mode_product
 
 __all__ = [
     "NonFiniteActivationError",
+    "SubspaceTracker",
+    "tracked_hosvd",
     "check_eps",
     "explained_rank",
     "hosvd",
@@ -164,12 +167,8 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
     if x.ndim < 1 or x.numel() == 0:
         raise ValueError(f"hosvd needs a non-empty tensor, got shape {tuple(x.shape)}")
     xc = x.detach().to(_compute_dtype(x))
-    wide = [xc.shape[n] > xc.numel() // xc.shape[n] for n in range(xc.ndim)]
-    grams = [_unfold(xc, n).T @ _unfold(xc, n) if wide[n] else mode_gram(xc, n) for n in range(xc.ndim)]
-    factors = _top_eigenvectors(grams, eps)
-    for n in range(xc.ndim):
-        if wide[n]:  # X_(n) V has orthogonal columns of norms sqrt(lambda): orthonormalise
-            factors[n] = torch.linalg.qr(_unfold(xc, n) @ factors[n]).Q
+    vectors = _top_eigenvectors([_small_gram(xc, n) for n in range(xc.ndim)], eps)
+    factors = [_mode_factor(xc, n, v) for n, v in enumerate(vectors)]
     core = xc
     # Project the modes that shrink the most first: every later product then works on less.
     for mode in sorted(range(xc.ndim), key=lambda n: factors[n].shape[1] / xc.shape[n]):
@@ -180,6 +179,29 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
 def _unfold(x: Tensor, mode: int) -> Tensor:
     """The mode-``mode`` unfolding X_(n), shape (I_n, rest)."""
     return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+
+
+def _is_wide(x: Tensor, mode: int) -> bool:
+    """Mode larger than the rest of the tensor: its Gram matrix is the larger of the two."""
+    return x.shape[mode] > x.numel() // x.shape[mode]
+
+
+def _small_gram(x: Tensor, mode: int) -> Tensor:
+    """The smaller Gram matrix of the mode-n unfolding: X_(n) X_(n)^T, or X_(n)^T X_(n) for a
+    wide mode (same non-zero eigenvalues)."""
+    if _is_wide(x, mode):
+        m = _unfold(x, mode)
+        return m.T @ m
+    return mode_gram(x, mode)
+
+
+def _mode_factor(x: Tensor, mode: int, vectors: Tensor) -> Tensor:
+    """The mode-n factor from eigenvectors of :func:`_small_gram`: themselves, or for a wide
+    mode orth(X_(n) V) (X_(n) V has orthogonal columns of norms sqrt(lambda)). QR keeps the
+    span of every leading set of columns, so a factor's first k columns are the rank-k one."""
+    if _is_wide(x, mode):
+        return torch.linalg.qr(_unfold(x, mode) @ vectors.to(x.device, x.dtype)).Q
+    return vectors
 
 
 @torch.no_grad()
@@ -204,3 +226,121 @@ def truncated_svd(x: Tensor, eps: float) -> LowRank:
         left, right = m @ v, v.T
     k = left.shape[1]
     return LowRank(_own(left, x.dtype), _own(right.reshape(k, *x.shape[1:]), x.dtype))
+
+
+@dataclass
+class SubspaceTracker:
+    """Per-layer state of warm-started subspace iteration (method ``"asi"``).
+
+    ``factors[n]`` is the subspace carried to the next step for mode n >= 1 (the batch mode 0
+    is never carried: batches are unrelated). ``margin`` extra directions are tracked beyond
+    the rank eps needs, so that a slowly growing spectrum is caught before it breaks eps.
+    ``recomputed`` counts the modes re-initialised by Gram + eigh (first step, shape, device or
+    dtype change, or a step where the tracked subspace no longer explained eps).
+    """
+
+    margin: int = 2
+    factors: dict[int, Tensor] = field(default_factory=dict)
+    recomputed: int = 0
+    steps: int = 0
+
+
+def _to_host(tensors: list[Tensor]) -> list[Tensor]:
+    """Copy tensors to the host in one transfer (one sync), as float64."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _to_device(t: Tensor, like: Tensor) -> Tensor:
+    t = t.to(like.dtype)
+    if like.device.type == "cpu":
+        return t
+    return t.pin_memory().to(like.device, non_blocking=True)
+
+
+def _host_top_eigenvectors(gram: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    values, vectors = torch.linalg.eigh(gram.to(dtype))
+    k = int(_rank_tensor(values.flip(-1), eps))
+    return vectors.flip(-1)[:, :k]
+
+
+@torch.no_grad()
+def tracked_hosvd(x: Tensor, eps: float, tracker: SubspaceTracker) -> Tucker:
+    """Tucker factorisation with warm-started subspaces for the non-batch modes (ASI, adaptive).
+
+    For each mode n >= 1 with a tracked factor U (I_n x r): T = X x_n U^T and
+    Z = X_(n) T_(n)^T = G_n U (one subspace-iteration product, no I_n x I_n Gram matrix). The
+    energy U explains, ||T||^2 = trace(U^T G_n U), is exact and free; if it is at least
+    eps ||X||^2, U is this step's factor (the eps guarantee of :func:`hosvd` holds) and
+    orth(Z), its columns ordered by their Rayleigh quotients and cut to the rank eps needs plus
+    ``tracker.margin``, is carried to the next step (subspace iteration never loses energy on
+    a fixed input, so a converged factor stays valid). If not, or on the first step, the mode
+    is decomposed by Gram + eigh as in :func:`hosvd`. The batch mode is always Gram + eigh.
+    All the numbers the host needs (norm, energies, the batch Gram matrix) travel in one copy:
+    one sync per step, two on a step that recomputes a tracked mode.
+    """
+    eps = check_eps(eps)
+    xc = x.detach().to(_compute_dtype(x))
+    n_modes = xc.ndim
+    others = lambda n: [m for m in range(n_modes) if m != n]  # noqa: E731
+    tracked: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # mode -> (U, T, Z)
+    for n in range(1, n_modes):
+        u = tracker.factors.get(n)
+        if u is None or u.shape[0] != xc.shape[n] or u.device != xc.device or u.dtype != xc.dtype:
+            continue
+        t = _mode_product(xc, u.T, n)
+        z = torch.tensordot(xc, t, dims=(others(n), others(n)))
+        tracked[n] = (u, t, z)
+    fresh = [n for n in range(1, n_modes) if n not in tracked]
+    energies = [tracked[n][1].pow(2).sum(dim=others(n)) for n in tracked]  # per tracked direction
+    host = _to_host([xc.pow(2).sum().reshape(1), _small_gram(xc, 0), *[_small_gram(xc, n) for n in fresh], *energies])
+    total, batch_gram = float(host[0]), host[1]
+    if not math.isfinite(total):
+        raise NonFiniteActivationError("the activation holds NaN or Inf values")
+    fresh_grams = dict(zip(fresh, host[2 : 2 + len(fresh)]))
+    tracked_energy = dict(zip(tracked, host[2 + len(fresh) :]))
+
+    factors: dict[int, Tensor] = {0: _mode_factor(xc, 0, _to_device(_host_top_eigenvectors(batch_gram, eps, xc.dtype), xc))}
+    projected: dict[int, Tensor] = {}
+    lost = []
+    for n, (u, t, z) in tracked.items():
+        energy = tracked_energy[n]
+        if float(energy.sum()) < eps * total:
+            lost.append(n)
+            continue
+        factors[n], projected[n] = u, t
+        order = torch.argsort(energy, descending=True)
+        needed = int(_rank_tensor(energy[order], min(1.0, eps * total / float(energy.sum())) if total > 0 else 1.0))
+        keep = min(xc.shape[n], needed + tracker.margin)
+        q = torch.linalg.qr(z[:, order.to(z.device)]).Q
+        tracker.factors[n] = _grow(q, keep)
+    if lost:
+        fresh_grams.update(zip(lost, _to_host([_small_gram(xc, n) for n in lost])))
+    for n, gram in fresh_grams.items():
+        tracker.recomputed += 1
+        values, vectors = torch.linalg.eigh(gram.to(xc.dtype))
+        k = int(_rank_tensor(values.flip(-1), eps))
+        carried = _mode_factor(xc, n, _to_device(vectors.flip(-1)[:, : k + tracker.margin], xc))
+        factors[n] = carried[:, :k]
+        tracker.factors[n] = carried
+    tracker.steps += 1
+
+    start = min(projected, key=lambda n: factors[n].shape[1] / xc.shape[n]) if projected else None
+    core = projected[start] if start is not None else xc
+    for mode in sorted(range(n_modes), key=lambda n: factors[n].shape[1] / xc.shape[n]):
+        if mode != start:
+            core = _mode_product(core, factors[mode].T, mode)
+    return Tucker(_own(core, x.dtype), tuple(_own(factors[n], x.dtype) for n in range(n_modes)))
+
+
+def _grow(q: Tensor, rank: int) -> Tensor:
+    """The first ``rank`` columns of the orthonormal q, completed with orthonormal directions
+    (a fixed, seeded sketch, orthogonalised against q) when q has fewer columns."""
+    if rank <= q.shape[1]:
+        return q[:, :rank].contiguous()
+    generator = torch.Generator(device="cpu").manual_seed(q.shape[0] * 7919 + rank)
+    extra = torch.randn(q.shape[0], rank - q.shape[1], generator=generator, dtype=torch.float64).to(q.device, q.dtype)
+    extra -= q @ (q.T @ extra)
+    return torch.linalg.qr(torch.cat([q, extra], dim=1)).Q

@@ -47,7 +47,7 @@ CASES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["hosvd", "svd"])
+@pytest.mark.parametrize("method", ["hosvd", "asi", "svd"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_trains_with_every_layer_compressed(name, method):
     build, shape, classes = CASES[name]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from actcomp.config import CompressionConfig, LayerStats
-from actcomp.decompose import NonFiniteActivationError, hosvd, truncated_svd
+from actcomp.decompose import NonFiniteActivationError, SubspaceTracker, hosvd, tracked_hosvd, truncated_svd
 from actcomp.factors import LowRank, Tucker
 
 
@@ -20,6 +20,7 @@ class LayerState:
     layer_type: str
     config: CompressionConfig
     last: LayerStats | None = None
+    tracker: SubspaceTracker | None = None  # method "asi": the subspaces carried between steps
 
     def describe(self) -> str:
         return f"layer '{self.name}' ({self.layer_type})"
@@ -28,7 +29,8 @@ class LayerState:
 def compress_activation(x: Tensor, layer: LayerState, unfold: Tensor | None = None) -> LowRank | Tucker:
     """Factorise the activation x as ``layer.config`` asks and record the layer's stats.
 
-    ``hosvd`` decomposes x over all its modes; ``svd`` decomposes ``unfold`` (a reshape of x
+    ``hosvd`` decomposes x over all its modes; ``asi`` too, carrying the non-batch subspaces
+    in ``layer.tracker``; ``svd`` decomposes ``unfold`` (a reshape of x
     whose first mode is the one to factor) or x itself. Runs in float32 (float64 for float64
     input) even under autocast, stores factors in x's dtype. NaN/Inf in x raise
     FloatingPointError naming the layer: a non-finite activation has no meaningful subspace and
@@ -39,6 +41,11 @@ def compress_activation(x: Tensor, layer: LayerState, unfold: Tensor | None = No
         with torch.autocast(x.device.type, enabled=False):
             if config.method == "hosvd":
                 factors: LowRank | Tucker = hosvd(x, config.eps)
+                ranks = factors.ranks
+            elif config.method == "asi":
+                if layer.tracker is None:
+                    layer.tracker = SubspaceTracker()
+                factors = tracked_hosvd(x, config.eps, layer.tracker)
                 ranks = factors.ranks
             else:
                 factors = truncated_svd(x if unfold is None else unfold, config.eps)

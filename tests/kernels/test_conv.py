@@ -1,5 +1,6 @@
 """Conv1d / Conv2d kernels against plain autograd, in float64, over a grid of configurations."""
 
+import copy
 import itertools
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.decompose import hosvd, truncated_svd
+from actcomp.decompose import hosvd, tracked_hosvd, truncated_svd
 from actcomp.kernels.conv import ConvGeometry, tucker_weight_grad
 from conftest import rel_err
 
@@ -64,7 +65,7 @@ def grads(layer, x):
 
 @pytest.mark.parametrize("spec", LAYERS, ids=IDS)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("method", ["hosvd", "svd"])
+@pytest.mark.parametrize("method", ["hosvd", "asi", "svd"])
 def test_eps_one_equals_plain_autograd(spec, bias, method):
     layer = make_layer(spec, bias)
     x = make_input(layer)
@@ -172,3 +173,27 @@ def test_nan_activation_raises_naming_the_layer(dims, c):
     cls = "Conv1d" if dims == 1 else "Conv2d"
     with pytest.raises(FloatingPointError, match=f"layer '0' \\({cls}\\).*NaN or Inf"):
         model(x)
+
+
+@pytest.mark.parametrize("spec", LAYERS, ids=IDS)
+def test_asi_tracked_step_equals_autograd_on_reconstruction(spec):
+    """Second step of method 'asi' (subspaces carried from the first): dW equals autograd on the
+    reconstruction the tracker gives, dX and db stay exact."""
+    layer = make_layer(spec, True)
+    actcomp.compress(layer, method="asi", eps=0.8)
+    first = make_input(layer)
+    layer(first).sum().backward()
+    x = (first.detach() + 0.05 * torch.randn_like(first)).requires_grad_()
+    state = layer._actcomp_layer
+    x_hat = tracked_hosvd(x, 0.8, copy.deepcopy(state.tracker)).reconstruct().requires_grad_()
+    recomputed = state.tracker.recomputed
+    torch.manual_seed(1)
+    _, ours = grads(layer, x)
+    assert state.tracker.recomputed == recomputed  # the tracked path ran, no Gram + eigh
+    actcomp.restore(layer)
+    torch.manual_seed(1)
+    _, on_reconstruction = grads(layer, x_hat)
+    torch.manual_seed(1)
+    _, exact = grads(layer, x)
+    assert rel_err(ours[1], on_reconstruction[1]) < 1e-10
+    assert rel_err(ours[0], exact[0]) < 1e-10 and rel_err(ours[2], exact[2]) < 1e-10

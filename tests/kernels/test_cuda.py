@@ -32,7 +32,7 @@ def grads(layer, x, dy):
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("method", ["hosvd", "svd"])
+@pytest.mark.parametrize("method", ["hosvd", "asi", "svd"])
 def test_eps_one_equals_plain_autograd_on_cuda(name, method):
     layer = LAYERS[name]().double().cuda()
     x = F.relu(torch.randn(SHAPES[name], dtype=torch.float64, device="cuda")).requires_grad_()
@@ -44,10 +44,12 @@ def test_eps_one_equals_plain_autograd_on_cuda(name, method):
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_one_host_sync_per_layer(name):
-    layer = actcomp.compress(LAYERS[name]().cuda(), eps=0.8)
+@pytest.mark.parametrize("method", ["hosvd", "asi", "svd"])
+def test_one_host_sync_per_layer(name, method):
+    layer = actcomp.compress(LAYERS[name]().cuda(), method=method, eps=0.8)
     x = F.relu(torch.randn(SHAPES[name], device="cuda")).requires_grad_()
-    layer(x).sum().backward()  # warm up (lazy initialisation may sync)
+    for _ in range(2):  # warm up (lazy initialisation may sync); asi: the next step is tracked
+        layer(x).sum().backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:

@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp.decompose import hosvd, truncated_svd
+import copy
+
+from actcomp.decompose import hosvd, tracked_hosvd, truncated_svd
 from conftest import rel_err
 
 SHAPES = [(7,), (9, 7), (4, 6, 7), (3, 4, 5, 7), (40, 7)]
@@ -33,7 +35,7 @@ def grads(layer, x):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("method", ["hosvd", "svd"])
+@pytest.mark.parametrize("method", ["hosvd", "asi", "svd"])
 def test_eps_one_equals_plain_autograd(shape, bias, method):
     layer = nn.Linear(7, 5, bias=bias).double()
     x = make_input(shape)
@@ -83,3 +85,19 @@ def test_bfloat16_autocast():
     assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
     y.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+def test_asi_tracked_step_equals_autograd_on_reconstruction(shape):
+    layer = nn.Linear(7, 5).double()
+    actcomp.compress(layer, method="asi", eps=0.8)
+    grads(layer, make_input(shape))
+    x = (make_input(shape).detach() * 1.01).requires_grad_()
+    tracker = layer._actcomp_layer.tracker
+    x_hat = tracked_hosvd(x, 0.8, copy.deepcopy(tracker)).reconstruct().requires_grad_()
+    _, ours = grads(layer, x)
+    actcomp.restore(layer)
+    _, on_reconstruction = grads(layer, x_hat)
+    _, exact = grads(layer, x)
+    assert rel_err(ours[1], on_reconstruction[1]) < 1e-10
+    assert rel_err(ours[0], exact[0]) < 1e-10 and rel_err(ours[2], exact[2]) < 1e-10
