@@ -294,7 +294,8 @@ def tracked_hosvd(x: Tensor, eps: float, tracker: SubspaceTracker) -> Tucker:
         z = torch.tensordot(xc, t, dims=(others(n), others(n)))
         tracked[n] = (u, t, z)
     fresh = [n for n in range(1, n_modes) if n not in tracked]
-    energies = [tracked[n][1].pow(2).sum(dim=others(n)) for n in tracked]  # per tracked direction
+    device_energy = {n: tracked[n][1].pow(2).sum(dim=others(n)) for n in tracked}  # per tracked direction
+    energies = list(device_energy.values())
     host = _to_host([xc.pow(2).sum().reshape(1), _small_gram(xc, 0), *[_small_gram(xc, n) for n in fresh], *energies])
     total, batch_gram = float(host[0]), host[1]
     if not math.isfinite(total):
@@ -311,10 +312,11 @@ def tracked_hosvd(x: Tensor, eps: float, tracker: SubspaceTracker) -> Tucker:
             lost.append(n)
             continue
         factors[n], projected[n] = u, t
-        order = torch.argsort(energy, descending=True)
-        needed = int(_rank_tensor(energy[order], min(1.0, eps * total / float(energy.sum())) if total > 0 else 1.0))
+        sorted_energy = torch.sort(energy, descending=True).values
+        needed = int(_rank_tensor(sorted_energy, min(1.0, eps * total / float(energy.sum())) if total > 0 else 1.0))
         keep = min(xc.shape[n], needed + tracker.margin)
-        q = torch.linalg.qr(z[:, order.to(z.device)]).Q
+        order = torch.argsort(device_energy[n], descending=True)  # on the device: no transfer
+        q = torch.linalg.qr(z[:, order]).Q
         tracker.factors[n] = _grow(q, keep)
     if lost:
         fresh_grams.update(zip(lost, _to_host([_small_gram(xc, n) for n in lost])))
@@ -341,6 +343,6 @@ def _grow(q: Tensor, rank: int) -> Tensor:
     if rank <= q.shape[1]:
         return q[:, :rank].contiguous()
     generator = torch.Generator(device="cpu").manual_seed(q.shape[0] * 7919 + rank)
-    extra = torch.randn(q.shape[0], rank - q.shape[1], generator=generator, dtype=torch.float64).to(q.device, q.dtype)
+    extra = _to_device(torch.randn(q.shape[0], rank - q.shape[1], generator=generator, dtype=torch.float64), q)
     extra -= q @ (q.T @ extra)
     return torch.linalg.qr(torch.cat([q, extra], dim=1)).Q
