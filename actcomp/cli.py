@@ -1,4 +1,8 @@
-"""The ``actcomp`` command."""
+"""The ``actcomp`` command: demo, finetune, measure, plan, compare, devices.
+
+Errors in the user's input (unknown model, missing data directory, budget too small, eps out
+of range, ...) print one line on stderr and exit with code 2, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,105 @@ import json
 import sys
 from pathlib import Path
 
-from actcomp.config import CompressionConfig
+from actcomp.config import METHODS, CompressionConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from actcomp.demo import format_table, rows_as_dicts, run_demo
+    from actcomp.demo import format_table, plot, rows_as_dicts, run_demo
+    from actcomp.memory.plan import parse_bytes
 
-    methods = tuple(m.strip() for m in args.methods.split(","))
-    for method in methods:
-        CompressionConfig(method, args.eps)  # a bad method or eps fails here, before any training
+    CompressionConfig("hosvd", args.eps)  # a bad eps fails here, before any training
+    parse_bytes(args.budget)
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
-    rows = run_demo(
-        layers=args.layers,
-        eps=args.eps,
-        methods=methods,
-        pretrain_epochs=args.pretrain_epochs,
-        finetune_epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=not args.no_progress,
+    rows, chosen = run_demo(
+        layers=args.layers, eps=args.eps, budget=args.budget, pretrain_epochs=args.pretrain_epochs,
+        finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
     )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     print("Fine-tuning TinyMobileNet on digits 5-9 after pretraining on 0-4 (scikit-learn digits, 32x32)")
     print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows_as_dicts(rows), indent=2))
-        print(f"wrote {args.json}")
+    print(f"\nPlan for {args.budget}:\n{chosen}")
+    (out / "demo.json").write_text(json.dumps(rows_as_dicts(rows), indent=2))
+    chosen.save(out / "plan.json")
+    print(f"\nwrote {plot(rows, out / 'demo.png')}, {out / 'demo.json'}, {out / 'plan.json'}")
+    return 0
+
+
+def _finetune_config(args: argparse.Namespace):
+    from actcomp.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        model=args.model, data=args.data, size=args.size, layers=args.layers, method=args.method, eps=args.eps,
+        patch=args.patch, budget=args.budget, device=args.device, epochs=getattr(args, "epochs", 1),
+        batch_size=args.batch_size, lr=getattr(args, "lr", 3e-3), optimizer=getattr(args, "optimizer", "adam"),
+        seed=args.seed, weights=args.weights,
+    )
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from actcomp.finetune import run_finetune
+
+    config = _finetune_config(args)
+    config.validate()
+    metrics = run_finetune(config, args.out, resume=args.resume, progress=not args.no_progress)
+    for row in metrics:
+        print(
+            f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, test accuracy {100 * row['test_accuracy']:.1f}%, "
+            f"{row['step_ms']:.1f} ms/step, kept {row['saved_bytes']} bytes"
+        )
+    print(f"wrote {args.out}/metrics.csv, metrics.json, checkpoint.pt, model.pt")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from torch import nn
+
+    from actcomp.finetune import load_data, prepare
+    from actcomp.memory import measure
+
+    config = _finetune_config(args)
+    data = load_data(config.data, config.size, config.seed)
+    model, _ = prepare(config, data)
+    report = measure(model, data.train_x[: config.batch_size], data.train_y[: config.batch_size], nn.functional.cross_entropy)
+    print(report.to_json() if args.json else report)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from actcomp.finetune import load_data, prepare
+
+    if args.budget is None and args.device is None:
+        raise ValueError("give --budget (e.g. 512KiB) or --device (see 'actcomp devices')")
+    config = _finetune_config(args)
+    data = load_data(config.data, config.size, config.seed)
+    _, chosen = prepare(config, data)
+    print(chosen)
+    if args.out:
+        chosen.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from actcomp.compare import plot, run_compare, write_csv
+
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    patches = tuple(int(p) for p in args.patches.split(","))
+    for method in methods:
+        for patch in patches:
+            CompressionConfig(method, args.eps, patch)
+    if args.max_layers < 1:
+        raise ValueError(f"--max-layers must be at least 1, got {args.max_layers}")
+    points = run_compare(
+        methods=methods, max_layers=args.max_layers, eps=args.eps, patches=patches, pretrain_epochs=args.pretrain_epochs,
+        finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    for p in points:
+        print(f"{p.method:<22} N={p.layers}  {p.layer_bytes / 1024:10.1f} KiB  {100 * p.accuracy:5.1f}%")
+    print(f"wrote {write_csv(points, out / 'compare.csv')}, {plot(points, out / 'compare.png')}")
     return 0
 
 
@@ -60,28 +137,79 @@ def _devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
+    p.add_argument("--model", default="tiny_mobilenet", help="tiny_mobilenet or a torchvision classifier name (random weights)")
+    p.add_argument("--weights", metavar="PATH", help="initial weights: a state_dict saved with torch.save")
+    p.add_argument("--data", default="digits", help="'digits' (bundled, classes 5-9) or an ImageFolder directory")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--layers", default="last:4", help="last:N, all, re:<pattern> or comma-separated names (default last:4)")
+    p.add_argument("--method", default="hosvd", choices=[m for m in METHODS])
+    p.add_argument("--eps", type=float, default=0.8, help="explained variance kept, in (0, 1] (default 0.8)")
+    p.add_argument("--patch", type=int, default=4, help="gradient_filter patch size r (default 4)")
+    p.add_argument("--budget", help="plan eps per layer for this many bytes kept by autograd (e.g. 512KiB)")
+    p.add_argument("--device", help="plan for a device profile's budget (see 'actcomp devices')")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    if training:
+        p.add_argument("--epochs", type=int, default=5)
+        p.add_argument("--lr", type=float, default=3e-3)
+        p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "adam"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="actcomp",
         description="Fine-tune PyTorch models on devices by keeping low-rank factors of activations.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser(
         "demo",
-        help="transfer a small CNN from digits 0-4 to 5-9, plain vs compressed (offline, ~1 min on 2 cores)",
-        description="Pretrain a TinyMobileNet on scikit-learn's digits 0-4, fine-tune its last N "
-        "layers on digits 5-9 with each method, and print bytes kept, accuracy and step time.",
+        help="transfer a small CNN from digits 0-4 to 5-9: plain, HOSVD and a plan under a budget (offline, ~1 min)",
+        description="Pretrain a TinyMobileNet on scikit-learn's digits 0-4, fine-tune its last N layers on "
+        "digits 5-9 with plain autograd, HOSVD and the per-layer eps planned for a budget; print bytes kept, "
+        "peak, accuracy and step time, and write a plot.",
     )
     demo.add_argument("--layers", type=int, default=4, help="fine-tune the last N Conv/Linear layers (default 4)")
     demo.add_argument("--eps", type=float, default=0.8, help="explained variance kept, in (0, 1] (default 0.8)")
-    demo.add_argument("--methods", default="none,hosvd,svd", help="comma-separated methods (default none,hosvd,svd)")
+    demo.add_argument("--budget", default="2.5MiB", help="budget for the planned run: bytes kept by autograd (default 2.5MiB)")
     demo.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (default 6)")
     demo.add_argument("--pretrain-epochs", type=int, default=6, help="pretraining epochs (default 6)")
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    demo.add_argument("--out", default="actcomp-demo", help="directory for demo.png, demo.json, plan.json")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
+
+    finetune = sub.add_parser("finetune", help="fine-tune a model with compressed activations; metrics, checkpoints, --resume")
+    _add_run_options(finetune, training=True)
+    finetune.add_argument("--out", default="actcomp-run", help="output directory (default actcomp-run)")
+    finetune.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    finetune.add_argument("--no-progress", action="store_true")
+    finetune.set_defaults(run=_finetune)
+
+    measure = sub.add_parser("measure", help="print the memory report of one training step of a model/method")
+    _add_run_options(measure, training=False)
+    measure.add_argument("--json", action="store_true", help="print the report as JSON")
+    measure.set_defaults(run=_measure)
+
+    plan = sub.add_parser("plan", help="print the plan (layers, eps) for a budget or a device")
+    _add_run_options(plan, training=False)
+    plan.add_argument("--out", metavar="PATH", help="also write the plan as JSON")
+    plan.set_defaults(run=_plan)
+
+    compare = sub.add_parser("compare", help="accuracy vs activation memory for none, svd, hosvd, gradient_filter; PNG + CSV")
+    compare.add_argument("--methods", default="none,svd,hosvd,gradient_filter")
+    compare.add_argument("--max-layers", type=int, default=4, help="fine-tune the last N = 1..K layers (default 4)")
+    compare.add_argument("--eps", type=float, default=0.8)
+    compare.add_argument("--patches", default="2,4,7", help="gradient_filter patch sizes (default 2,4,7)")
+    compare.add_argument("--epochs", type=int, default=6)
+    compare.add_argument("--pretrain-epochs", type=int, default=6)
+    compare.add_argument("--batch-size", type=int, default=64)
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--out", default="actcomp-compare", help="directory for compare.png and compare.csv")
+    compare.add_argument("--no-progress", action="store_true")
+    compare.set_defaults(run=_compare)
 
     devices = sub.add_parser("devices", help="list the device profiles (RAM, flash, budget, peak compute)")
     devices.add_argument("--file", metavar="PATH", help="check and show your own profile file instead")
@@ -96,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:
-        print(f"actcomp {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"actcomp {args.command}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from actcomp.decompose import check_eps
 
-METHODS = ("hosvd", "asi", "svd", "none")
+METHODS = ("hosvd", "asi", "svd", "gradient_filter", "none")
 
 
 @dataclass(frozen=True)
@@ -19,17 +19,23 @@ class CompressionConfig:
     ||X||_F^2); ``"asi"`` the same Tucker form with the non-batch modes' subspaces carried from
     step to step and refined by one subspace iteration (each mode still explains at least
     ``eps``, ranks adapt); ``"svd"`` keeps a rank-k factorisation of the batch-mode unfolding (rows of all
-    leading dimensions for Linear), k chosen the same way; ``"none"`` runs plain autograd, for
-    comparisons. ``eps`` is in (0, 1]; at 1 the factors are exact.
+    leading dimensions for Linear), k chosen the same way; ``"gradient_filter"`` is the
+    baseline of Yang et al. (CVPR 2023): convolutions keep their input averaged over
+    ``patch`` x ``patch`` regions and use an output gradient averaged over patches (eps
+    unused; Linear layers stay exact); ``"none"`` runs plain autograd, for comparisons.
+    ``eps`` is in (0, 1]; at 1 the factors are exact.
     """
 
     method: str = "hosvd"
     eps: float = 0.8
+    patch: int = 4
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
         object.__setattr__(self, "eps", check_eps(self.eps))
+        if isinstance(self.patch, bool) or not isinstance(self.patch, int) or self.patch < 1:
+            raise ValueError(f"patch must be a whole number >= 1 (the gradient filter's r), got {self.patch!r}")
 
 
 @dataclass(frozen=True)

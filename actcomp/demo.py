@@ -1,10 +1,11 @@
-"""The demo: transfer a small CNN to new classes with compressed activations, offline.
+"""The demo: transfer a small CNN to new classes under a memory budget, offline.
 
 A TinyMobileNet is pretrained on scikit-learn's digits 0-4 (upsampled to 32x32), then its last
-N Conv/Linear layers are fine-tuned on digits 5-9 with each method (plain autograd, HOSVD,
-SVD) from the same starting point. For each run the table shows the bytes autograd kept for
-backward in one training step (measured with saved_tensors_hooks, all layers included), the
-bytes kept by the fine-tuned layers alone, test accuracy and the median time per step.
+N Conv/Linear layers are fine-tuned on digits 5-9 from the same starting point: with plain
+autograd, with HOSVD at a fixed eps, and with the per-layer eps that :func:`actcomp.plan`
+chooses for a memory budget. For each run the table shows what the fine-tuned layers keep,
+what autograd keeps in all (measured with saved_tensors_hooks), the peak allocation of a
+training step, test accuracy and the median time per step; a plot is written beside it.
 """
 
 from __future__ import annotations
@@ -13,26 +14,41 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from actcomp.config import CompressionConfig
 from actcomp.data import digits, split
 from actcomp.hooks import compress, select_layers, stats
-from actcomp.memory import count_saved
+from actcomp.memory import format_bytes, measure
+from actcomp.memory.plan import Plan, plan
 from actcomp.models import TinyMobileNet
 
 
 @dataclass(frozen=True)
 class DemoRow:
     method: str
-    layers: int
-    eps: float
+    layers: int  # layers trained
+    eps: str  # "1", "0.8", or the plan's per-layer eps
+    layer_bytes: int  # what the fine-tuned layers kept (factors, or inputs for plain)
     saved_bytes: int  # everything autograd kept in one training step
-    layer_bytes: int  # what the fine-tuned layers kept (factors, or inputs for 'none')
+    peak_bytes: int | None  # allocator high-water mark of one step
     accuracy: float
     step_ms: float
+
+
+@dataclass(frozen=True)
+class Task:
+    """The transfer task: a model pretrained on digits 0-4, data of digits 5-9."""
+
+    base: nn.Module
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
 
 
 def _batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator):
@@ -42,9 +58,9 @@ def _batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator):
         yield x[index], y[index]
 
 
-def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, seed: int, desc: str, progress: bool) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, seed: int, desc: str, progress: bool) -> list[float]:
+    """Adam on the trainable parameters; returns the time of every step in ms."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     step_ms = []
@@ -65,87 +81,124 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int,
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
+    result = float((model(x).argmax(1) == y).float().mean())
+    model.train()
+    return result
+
+
+def make_task(pretrain_epochs: int = 6, batch_size: int = 64, seed: int = 0, progress: bool = True) -> Task:
+    """Pretrain a TinyMobileNet on digits 0-4 and give it a fresh head for digits 5-9."""
+    torch.manual_seed(seed)
+    source_x, source_y = digits(classes=(0, 1, 2, 3, 4))
+    train_x, train_y, test_x, test_y = split(*digits(classes=(5, 6, 7, 8, 9)), test_fraction=0.3, seed=seed)
+    base = TinyMobileNet(num_classes=5)
+    train(base, source_x, source_y, pretrain_epochs, batch_size, 3e-3, seed, "pretrain on digits 0-4", progress)
+    base.classifier.reset_parameters()
+    return Task(base, train_x, train_y, test_x, test_y)
+
+
+def last_layers(task: Task, count: int) -> list[str]:
+    return select_layers(task.base, f"last:{count}", sample=task.train_x[:1])
+
+
+def finetune_copy(task: Task, names: list[str], config: CompressionConfig | Plan, epochs: int, batch_size: int, seed: int, progress: bool) -> tuple[nn.Module, list[float]]:
+    """A copy of the pretrained model with only ``names`` trainable and compressed as ``config``
+    says (or as a plan says), fine-tuned on digits 5-9."""
+    model = copy.deepcopy(task.base)
+    if isinstance(config, Plan):
+        config.apply(model)
+        label = f"{config.method} plan"
+    else:
+        model.requires_grad_(False)
+        modules = dict(model.named_modules())
+        for name in names:
+            modules[name].requires_grad_(True)
+        compress(model, names, config=config)
+        label = config.method
+    step_ms = train(model, task.train_x, task.train_y, epochs, batch_size, 3e-3, seed, f"fine-tune 5-9 ({label})", progress)
+    return model, step_ms
 
 
 def run_demo(
     layers: int = 4,
     eps: float = 0.8,
-    methods: tuple[str, ...] = ("none", "hosvd", "svd"),
+    budget: str = "2.5MiB",
     pretrain_epochs: int = 6,
     finetune_epochs: int = 6,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
-) -> list[DemoRow]:
-    """Pretrain on digits 0-4, fine-tune the last ``layers`` layers on 5-9 with each method.
-
-    Returns one :class:`DemoRow` per method. Everything is seeded: the same arguments give the
-    same pretrained model and the same batches for every method.
-    """
-    torch.manual_seed(seed)
-    source_x, source_y = digits(classes=(0, 1, 2, 3, 4))
-    target = digits(classes=(5, 6, 7, 8, 9))
-    train_x, train_y, test_x, test_y = split(*target, test_fraction=0.3, seed=seed)
-
-    base = TinyMobileNet(num_classes=5)
-    _train(base, source_x, source_y, pretrain_epochs, batch_size, 3e-3, seed, "pretrain on digits 0-4", progress)
-    base.classifier.reset_parameters()  # a fresh head for the new classes
-
-    names = select_layers(base, f"last:{layers}", sample=train_x[:1])
+) -> tuple[list[DemoRow], Plan]:
+    """Pretrain on digits 0-4, fine-tune the last ``layers`` layers on 5-9: plain, HOSVD at
+    ``eps``, and HOSVD with the eps per layer that :func:`plan` picks for ``budget`` (bytes
+    autograd keeps in a step). Everything is seeded. Returns the rows and the plan."""
+    task = make_task(pretrain_epochs, batch_size, seed, progress)
+    names = last_layers(task, layers)
+    calib = [(task.train_x[:batch_size], task.train_y[:batch_size])]
+    chosen = plan(task.base, calib, budget=budget, candidates=names, loss_fn=nn.functional.cross_entropy)
+    runs = [
+        ("none", CompressionConfig("none"), "1"),
+        ("hosvd", CompressionConfig("hosvd", eps), f"{eps:g}"),
+        (f"hosvd, plan for {budget}", chosen, "/".join(f"{c.eps:g}" if c.train else "-" for c in chosen.choices)),
+    ]
     rows = []
-    for method in methods:
-        model = copy.deepcopy(base)
-        modules = dict(model.named_modules())
-        model.requires_grad_(False)
-        for name in names:
-            modules[name].requires_grad_(True)
-        compress(model, names, method=method, eps=eps)
-        step_ms = _train(
-            model, train_x, train_y, finetune_epochs, batch_size, 3e-3, seed, f"fine-tune 5-9 ({method})", progress
-        )
-        model.train()
-        with count_saved(model) as saved:
-            loss = nn.functional.cross_entropy(model(train_x[:batch_size]), train_y[:batch_size])
-        loss.backward()
-        model.zero_grad()
-        layer_bytes = sum(s.kept_bytes for s in stats(model).values())
+    for method, config, eps_text in runs:
+        model, step_ms = finetune_copy(task, names, config, finetune_epochs, batch_size, seed, progress)
+        report = measure(model, task.train_x[:batch_size], task.train_y[:batch_size], nn.functional.cross_entropy, vanilla=False)
+        trained = sum(1 for m in dict(model.named_modules()).values() if any(p.requires_grad for p in m.parameters(recurse=False)))
         rows.append(
             DemoRow(
                 method=method,
-                layers=layers,
-                eps=eps if method != "none" else 1.0,
-                saved_bytes=saved.saved_bytes,
-                layer_bytes=layer_bytes,
-                accuracy=_accuracy(model, test_x, test_y),
+                layers=trained,
+                eps=eps_text,
+                layer_bytes=sum(s.kept_bytes for s in stats(model).values()),
+                saved_bytes=report.saved_bytes,
+                peak_bytes=report.peak_bytes,
+                accuracy=accuracy(model, task.test_x, task.test_y),
                 step_ms=statistics.median(step_ms),
             )
         )
-    return rows
+    return rows, chosen
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    """The demo's rows as an aligned text table, with bytes relative to the first row."""
-    header = ("method", "layers", "eps", "kept by autograd", "kept by layers", "vs plain", "accuracy", "ms/step")
-    plain = rows[0].layer_bytes or 1
+    """The demo's rows as an aligned text table."""
+    header = ("method", "layers", "eps", "kept by layers", "kept by autograd", "peak", "accuracy", "ms/step")
     lines = [
         (
-            r.method,
-            str(r.layers),
-            f"{r.eps:g}",
-            f"{r.saved_bytes / 1024:.1f} KiB",
-            f"{r.layer_bytes / 1024:.1f} KiB",
-            f"{r.layer_bytes / plain:.3f}",
-            f"{100 * r.accuracy:.1f}%",
-            f"{r.step_ms:.1f}",
+            r.method, str(r.layers), r.eps, format_bytes(r.layer_bytes), format_bytes(r.saved_bytes),
+            format_bytes(r.peak_bytes) if r.peak_bytes is not None else "n/a", f"{100 * r.accuracy:.1f}%", f"{r.step_ms:.1f}",
         )
         for r in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines)])
+
+
+def plot(rows: list[DemoRow], path: str | Path) -> Path:
+    """Bars of bytes kept by autograd and accuracy per run, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    labels = [r.method for r in rows]
+    left.barh(labels, [r.saved_bytes / 1024 for r in rows], color="tab:blue")
+    left.set_xlabel("bytes kept by autograd in one step (KiB)")
+    right.barh(labels, [100 * r.accuracy for r in rows], color="tab:green")
+    right.set_xlabel("test accuracy on digits 5-9 (%)")
+    right.set_yticks(range(len(rows)), [""] * len(rows))
+    fig.suptitle("actcomp demo: fine-tuning the last layers of a TinyMobileNet")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def rows_as_dicts(rows: list[DemoRow]) -> list[dict]:

@@ -40,7 +40,8 @@ def _compressed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def _extra_repr(self: nn.Module) -> str:
     base = type(self)._actcomp_base
     config = getattr(self, _STATE).config
-    return f"{base.extra_repr(self)}, actcomp={config.method}(eps={config.eps:g})"
+    setting = f"r={config.patch}" if config.method == "gradient_filter" else f"eps={config.eps:g}"
+    return f"{base.extra_repr(self)}, actcomp={config.method}({setting})"
 
 
 def compressed_class(base: type[nn.Module]) -> type[nn.Module]:

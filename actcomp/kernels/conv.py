@@ -247,6 +247,71 @@ class CompressedConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d}
+
+
+def _patch_mean(t: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Means over non-overlapping patches of ``size`` (the last patch of a row may be partial)."""
+    return _AVG_POOL[len(size)](t, size, size, ceil_mode=True)
+
+
+class GradientFilterConv(torch.autograd.Function):
+    """Gradient Filter (Yang et al., CVPR 2023), the paper's baseline, for one convolution.
+
+    The output gradient is replaced by its means over r x r patches (piecewise constant). The
+    layer keeps its input averaged over the input region of each patch (r*stride per side):
+    memory / (r*stride)^2. Backward: dX is the transposed convolution of the filtered gradient
+    (exact for it); dW[o, c, i, j] = r^2 sum_{b,p} gbar[b,o,p] xbar[b,c,p] for every tap (i, j),
+    the filter's approximation that the input is constant within a patch; db = sum dY.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, geometry, layer, dtype, patch):  # type: ignore[override]
+        return geometry.conv(x, cast(weight, dtype), cast(bias, dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, weight, bias, geometry, layer, _, patch = inputs
+        ctx.geometry, ctx.input_shape, ctx.has_bias, ctx.patch = geometry, x.shape, bias is not None, patch
+        if weight.requires_grad:
+            with torch.no_grad():
+                pooled = _patch_mean(x.detach(), tuple(patch * s for s in geometry.stride)).contiguous()
+            record_stats(layer, x, (), pooled.numel() * pooled.element_size())
+            ctx.save_for_backward(weight, pooled)
+        else:
+            record_stats(layer, x, (), 0)
+            ctx.save_for_backward(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        weight, *saved = ctx.saved_tensors
+        g: ConvGeometry = ctx.geometry
+        size = (ctx.patch,) * g.dims
+        means = _patch_mean(grad_out, size)  # (B, O, *patches)
+        filtered = means
+        for d in range(g.dims):
+            filtered = filtered.repeat_interleave(ctx.patch, dim=2 + d)
+        filtered = filtered[(slice(None), slice(None), *(slice(0, n) for n in grad_out.shape[2:]))]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_grad(filtered.contiguous(), weight.to(grad_out.dtype), ctx.input_shape, g)
+        if ctx.needs_input_grad[1]:
+            (pooled,) = saved
+            sites = tuple(min(a, b) for a, b in zip(means.shape[2:], pooled.shape[2:]))
+            crop = (slice(None), slice(None), *(slice(0, n) for n in sites))
+            gbar, xbar = means[crop].flatten(2), pooled[crop].to(grad_out.dtype).flatten(2)
+            c_out, c_group = weight.shape[0], weight.shape[1]
+            batch = gbar.shape[0]
+            gbar = gbar.reshape(batch, g.groups, c_out // g.groups, -1)
+            xbar = xbar.reshape(batch, g.groups, c_group, -1)
+            per_channel = torch.einsum("bgop,bgcp->goc", gbar, xbar).reshape(c_out, c_group) * ctx.patch**g.dims
+            grad_w = per_channel.reshape(c_out, c_group, *(1,) * g.dims).expand(weight.shape).to(weight.dtype).contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, *range(2, grad_out.ndim))).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
 @register_kernel(nn.Conv1d, nn.Conv2d)
 def conv_kernel(module: nn.Conv1d | nn.Conv2d, x: Tensor, layer: LayerState) -> Tensor:
     """Run ``module`` on x keeping factors of x for backward (see the module doc for the math)."""
@@ -255,6 +320,10 @@ def conv_kernel(module: nn.Conv1d | nn.Conv2d, x: Tensor, layer: LayerState) -> 
         x = x.unsqueeze(0)
     dtype = autocast_dtype(x)
     x = cast(x, dtype)
+    geometry = ConvGeometry.of(module)
     with torch.autocast(x.device.type, enabled=False):
-        y = CompressedConv.apply(x, module.weight, module.bias, ConvGeometry.of(module), layer, dtype)
+        if layer.config.method == "gradient_filter":
+            y = GradientFilterConv.apply(x, module.weight, module.bias, geometry, layer, dtype, layer.config.patch)
+        else:
+            y = CompressedConv.apply(x, module.weight, module.bias, geometry, layer, dtype)
     return y.squeeze(0) if unbatched else y

@@ -83,6 +83,10 @@ class CompressedLinear(torch.autograd.Function):
 @register_kernel(nn.Linear)
 def linear_kernel(module: nn.Linear, x: Tensor, layer: LayerState) -> Tensor:
     """Run ``module`` on x keeping factors of x for backward (see the module doc for the math)."""
+    if layer.config.method == "gradient_filter":  # no spatial patches: the layer stays exact
+        weight = module.weight
+        record_stats(layer, x, (), x.numel() * x.element_size() if weight.requires_grad else 0)
+        return F.linear(x, module.weight, module.bias)
     dtype = autocast_dtype(x)
     x = cast(x, dtype)
     with torch.autocast(x.device.type, enabled=False):

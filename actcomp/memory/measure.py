@@ -11,9 +11,12 @@ allocator's high-water mark over forward+backward above what was allocated befor
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -168,6 +171,21 @@ class _Attribution:
                 h.remove()
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what the profiler's native library prints on stderr when it starts and stops
+    (status lines, not errors of the user's code: none of it runs inside)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_allocation_peak(prof: torch.profiler.profile) -> int | None:
     """High-water mark of CPU allocations in a profile (private profiler API; None if absent)."""
     try:
@@ -246,9 +264,15 @@ def _one_step(model: nn.Module, inputs: object, targets: object, loss_fn: Callab
         torch.cuda.synchronize(device)
         peak, source = torch.cuda.max_memory_allocated(device) - baseline, "cuda allocator"
     else:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_native_stderr():
+            prof.__enter__()
+        try:
             loss = attribution.run(forward)
             loss.backward()
+        finally:
+            with _quiet_native_stderr():
+                prof.__exit__(None, None, None)
         peak = _cpu_allocation_peak(prof)
         source = "cpu profiler allocation events" if peak is not None else "unavailable on cpu (only saved bytes)"
     for p, grad in saved_grads.items():

@@ -197,3 +197,55 @@ def test_asi_tracked_step_equals_autograd_on_reconstruction(spec):
     _, exact = grads(layer, x)
     assert rel_err(ours[1], on_reconstruction[1]) < 1e-10
     assert rel_err(ours[0], exact[0]) < 1e-10 and rel_err(ours[2], exact[2]) < 1e-10
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_gradient_filter_r1_on_pointwise_conv_is_exact(dims):
+    layer = make_layer((dims, 4, 6, 1, 1, 0, 1, 1, "zeros"), True)
+    x = make_input(layer)
+    torch.manual_seed(1)
+    _, ref = grads(layer, x)
+    actcomp.compress(layer, config=actcomp.CompressionConfig("gradient_filter", patch=1))
+    torch.manual_seed(1)
+    _, ours = grads(layer, x)
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("patch, stride, groups", [(2, 1, 1), (4, 1, 2), (3, 2, 1), (2, 1, 4)])
+def test_gradient_filter_matches_its_definition(patch, stride, groups):
+    """dX: plain backward of the patch-averaged dY; dW: r^2 sum gbar * xbar on every tap;
+    the layer keeps the input averaged over (r*stride)^2 regions."""
+    layer = nn.Conv2d(4, 8, 3, stride, 1, groups=groups, bias=True).double()
+    x = make_input(layer, batch=3)
+    actcomp.compress(layer, config=actcomp.CompressionConfig("gradient_filter", patch=patch))
+    with actcomp.count_saved(layer) as saved:
+        y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    region = patch * stride
+    xbar = F.avg_pool2d(x.detach(), region, region, ceil_mode=True)
+    assert saved.saved_bytes == xbar.numel() * 8 == actcomp.stats(layer)[""].kept_bytes
+    gbar = F.avg_pool2d(dy, patch, patch, ceil_mode=True)
+    filtered = gbar.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, :, : dy.shape[2], : dy.shape[3]]
+    actcomp.restore(layer)
+    (dx,) = torch.autograd.grad(layer(x), x, filtered)
+    assert rel_err(x.grad, dx) < 1e-12
+    n = min(gbar.shape[2], xbar.shape[2]), min(gbar.shape[3], xbar.shape[3])
+    g = gbar[:, :, : n[0], : n[1]].reshape(3, groups, 8 // groups, -1)
+    xb = xbar[:, :, : n[0], : n[1]].reshape(3, groups, 4 // groups, -1)
+    per_channel = torch.einsum("bgop,bgcp->goc", g, xb).reshape(8, 4 // groups) * patch**2
+    assert rel_err(layer.weight.grad, per_channel[:, :, None, None].expand_as(layer.weight)) < 1e-12
+    assert rel_err(layer.bias.grad, dy.sum((0, 2, 3))) < 1e-12
+
+
+def test_gradient_filter_leaves_linear_exact():
+    layer = nn.Linear(6, 3).double()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    _, ref = grads(layer, x)
+    actcomp.compress(layer, config=actcomp.CompressionConfig("gradient_filter", patch=2))
+    torch.manual_seed(1)
+    _, ours = grads(layer, x)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    assert actcomp.stats(layer)[""].kept_bytes == x.numel() * 8

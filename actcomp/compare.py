@@ -1,0 +1,100 @@
+"""Method comparison: accuracy against activation memory, like the paper's Pareto figure.
+
+On the demo's transfer task (TinyMobileNet pretrained on digits 0-4, fine-tuned on 5-9), the
+last N = 1..k layers are fine-tuned with each method from the same pretrained weights: plain
+autograd, SVD, HOSVD (at eps) and Gradient Filter with patches R2/R4/R7. Each point is one run:
+x = bytes the fine-tuned layers kept for backward in one step (measured), y = test accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from actcomp.config import CompressionConfig
+from actcomp.demo import accuracy, finetune_copy, last_layers, make_task
+from actcomp.hooks import stats
+
+DEFAULT_METHODS = ("none", "svd", "hosvd", "gradient_filter")
+
+
+@dataclass(frozen=True)
+class ComparePoint:
+    method: str  # "hosvd", "gradient_filter R4", ...
+    layers: int
+    layer_bytes: int
+    accuracy: float
+
+
+def variants(methods: tuple[str, ...], eps: float, patches: tuple[int, ...]) -> list[tuple[str, CompressionConfig]]:
+    out = []
+    for method in methods:
+        if method == "gradient_filter":
+            out += [(f"gradient_filter R{r}", CompressionConfig(method, eps, r)) for r in patches]
+        else:
+            out.append((method, CompressionConfig(method, eps)))
+    return out
+
+
+def run_compare(
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    max_layers: int = 4,
+    eps: float = 0.8,
+    patches: tuple[int, ...] = (2, 4, 7),
+    pretrain_epochs: int = 6,
+    finetune_epochs: int = 6,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[ComparePoint]:
+    """Fine-tune the last N = 1..max_layers layers with every method variant; one point each."""
+    runs = variants(methods, eps, patches)
+    task = make_task(pretrain_epochs, batch_size, seed, progress)
+    points = []
+    for count in range(1, max_layers + 1):
+        names = last_layers(task, count)
+        for label, config in runs:
+            model, _ = finetune_copy(task, names, config, finetune_epochs, batch_size, seed, progress)
+            points.append(
+                ComparePoint(label, count, sum(s.kept_bytes for s in stats(model).values()), accuracy(model, task.test_x, task.test_y))
+            )
+    return points
+
+
+def write_csv(points: list[ComparePoint], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
+        writer.writeheader()
+        writer.writerows(asdict(p) for p in points)
+    return path
+
+
+def plot(points: list[ComparePoint], path: str | Path, title: str = "") -> Path:
+    """Accuracy vs activation memory (log x), one curve per method, N labelled on each point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(p.method for p in points):
+        curve = sorted((p for p in points if p.method == method), key=lambda p: p.layers)
+        xs = [max(p.layer_bytes, 1) / 1024 for p in curve]
+        ax.plot(xs, [100 * p.accuracy for p in curve], marker="o", label=method)
+        for x, p in zip(xs, curve):
+            ax.annotate(str(p.layers), (x, 100 * p.accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("activation memory of the fine-tuned layers (KiB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "Accuracy vs activation memory (labels: number of layers fine-tuned)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
