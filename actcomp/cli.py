@@ -15,7 +15,8 @@ from actcomp.config import METHODS, CompressionConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from actcomp.demo import format_table, plot, rows_as_dicts, run_demo
+    from actcomp.demo import format_table, rows_as_dicts, run_demo
+    from actcomp.plots import plot_demo
     from actcomp.memory.plan import parse_bytes
 
     CompressionConfig("hosvd", args.eps)  # a bad eps fails here, before any training
@@ -33,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nPlan for {args.budget}:\n{chosen}")
     (out / "demo.json").write_text(json.dumps(rows_as_dicts(rows), indent=2))
     chosen.save(out / "plan.json")
-    print(f"\nwrote {plot(rows, out / 'demo.png')}, {out / 'demo.json'}, {out / 'plan.json'}")
+    print(f"\nwrote {plot_demo(rows, out / 'demo.png')}, {out / 'demo.json'}, {out / 'plan.json'}")
     return 0
 
 
@@ -93,7 +94,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from actcomp.compare import plot, run_compare, write_csv
+    from actcomp.compare import run_compare, write_csv
+    from actcomp.plots import plot_compare
 
     methods = tuple(m.strip() for m in args.methods.split(","))
     patches = tuple(int(p) for p in args.patches.split(","))
@@ -109,13 +111,14 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for p in points:
         print(f"{p.method:<22} N={p.layers}  {p.layer_bytes / 1024:10.1f} KiB  {100 * p.accuracy:5.1f}%")
-    print(f"wrote {write_csv(points, out / 'compare.csv')}, {plot(points, out / 'compare.png')}")
+    print(f"wrote {write_csv(points, out / 'compare.csv')}, {plot_compare(points, out / 'compare.png')}")
     return 0
 
 
 def _devices(args: argparse.Namespace) -> int:
     from actcomp.devices import list_devices, load_device
     from actcomp.memory import format_bytes
+    from actcomp.text import aligned_table
 
     devices = [load_device(args.file)] if args.file else list_devices()
     header = ("name", "kind", "RAM", "flash", "reserve", "budget", "peak", "title")
@@ -126,11 +129,7 @@ def _devices(args: argparse.Namespace) -> int:
         )
         for d in devices
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(fmt.format(*header))
-    for row in rows:
-        print(fmt.format(*row))
+    print(aligned_table(header, rows))
     if args.sources:
         for d in devices:
             print(f"{d.name}: {d.source}")

@@ -70,31 +70,3 @@ def write_csv(points: list[ComparePoint], path: str | Path) -> Path:
         writer.writeheader()
         writer.writerows(asdict(p) for p in points)
     return path
-
-
-def plot(points: list[ComparePoint], path: str | Path, title: str = "") -> Path:
-    """Accuracy vs activation memory (log x), one curve per method, N labelled on each point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(p.method for p in points):
-        curve = sorted((p for p in points if p.method == method), key=lambda p: p.layers)
-        xs = [max(p.layer_bytes, 1) / 1024 for p in curve]
-        ax.plot(xs, [100 * p.accuracy for p in curve], marker="o", label=method)
-        for x, p in zip(xs, curve):
-            ax.annotate(str(p.layers), (x, 100 * p.accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("activation memory of the fine-tuned layers (KiB, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "Accuracy vs activation memory (labels: number of layers fine-tuned)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -14,7 +14,6 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +25,7 @@ from actcomp.hooks import compress, select_layers, stats
 from actcomp.memory import format_bytes, measure
 from actcomp.memory.plan import Plan, plan
 from actcomp.models import TinyMobileNet
+from actcomp.text import aligned_table
 
 
 @dataclass(frozen=True)
@@ -173,32 +173,7 @@ def format_table(rows: list[DemoRow]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines)])
-
-
-def plot(rows: list[DemoRow], path: str | Path) -> Path:
-    """Bars of bytes kept by autograd and accuracy per run, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    labels = [r.method for r in rows]
-    left.barh(labels, [r.saved_bytes / 1024 for r in rows], color="tab:blue")
-    left.set_xlabel("bytes kept by autograd in one step (KiB)")
-    right.barh(labels, [100 * r.accuracy for r in rows], color="tab:green")
-    right.set_xlabel("test accuracy on digits 5-9 (%)")
-    right.set_yticks(range(len(rows)), [""] * len(rows))
-    fig.suptitle("actcomp demo: fine-tuning the last layers of a TinyMobileNet")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return aligned_table(header, lines)
 
 
 def rows_as_dicts(rows: list[DemoRow]) -> list[dict]:

@@ -1,5 +1,6 @@
 from actcomp.cli import main
-from actcomp.compare import ComparePoint, plot, variants
+from actcomp.compare import ComparePoint, variants
+from actcomp.plots import plot_compare
 
 
 def test_variants_expand_gradient_filter_patches():
@@ -23,4 +24,4 @@ def test_compare_writes_csv_and_png(tmp_path, capsys):
 
 def test_plot_handles_zero_bytes(tmp_path):
     points = [ComparePoint("none", 1, 0, 0.5), ComparePoint("none", 2, 100, 0.6)]
-    assert plot(points, tmp_path / "p.png").stat().st_size > 1000
+    assert plot_compare(points, tmp_path / "p.png").stat().st_size > 1000

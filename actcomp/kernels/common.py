@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -71,6 +72,17 @@ def record_stats(layer: LayerState, x: Tensor, ranks: tuple[int, ...], kept_byte
         kept_bytes=kept_bytes,
         input_bytes=x.numel() * x.element_size(),
     )
+
+
+def save_for_weight_grad(ctx, layer: LayerState, x: Tensor, weight: Tensor, kept: Callable[[], tuple[Tensor, ...]]) -> None:
+    """``ctx.save_for_backward(weight, *kept())`` when the weight is trained; with a frozen
+    weight only the weight (dX needs nothing of x) and stats that say nothing was kept.
+    ``kept`` records the layer's stats itself."""
+    if weight.requires_grad:
+        ctx.save_for_backward(weight, *kept())
+    else:
+        record_stats(layer, x, (), 0)
+        ctx.save_for_backward(weight)
 
 
 def unpack(kind: type, tensors: tuple[Tensor, ...]) -> LowRank | Tucker:

@@ -30,7 +30,15 @@ from torch.autograd.function import once_differentiable
 
 from actcomp.factors import LowRank, Tucker, _mode_product
 from actcomp.kernels import register_kernel
-from actcomp.kernels.common import LayerState, autocast_dtype, cast, compress_activation, record_stats, unpack
+from actcomp.kernels.common import (
+    LayerState,
+    autocast_dtype,
+    cast,
+    compress_activation,
+    record_stats,
+    save_for_weight_grad,
+    unpack,
+)
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -218,14 +226,13 @@ class CompressedConv(torch.autograd.Function):
         ctx.geometry = geometry
         ctx.input_shape = x.shape
         ctx.has_bias = bias is not None
-        if weight.requires_grad:
+
+        def kept() -> tuple[Tensor, ...]:
             factors = compress_activation(x, layer)
             ctx.kind = type(factors)
-            ctx.save_for_backward(weight, *factors.tensors())
-        else:  # frozen weight: dX needs only W, nothing of x is kept
-            record_stats(layer, x, (), 0)
-            ctx.kind = None
-            ctx.save_for_backward(weight)
+            return factors.tensors()
+
+        save_for_weight_grad(ctx, layer, x, weight, kept)
 
     @staticmethod
     @once_differentiable
@@ -273,14 +280,14 @@ class GradientFilterConv(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         x, weight, bias, geometry, layer, _, patch = inputs
         ctx.geometry, ctx.input_shape, ctx.has_bias, ctx.patch = geometry, x.shape, bias is not None, patch
-        if weight.requires_grad:
+
+        def kept() -> tuple[Tensor, ...]:
             with torch.no_grad():
                 pooled = _patch_mean(x.detach(), tuple(patch * s for s in geometry.stride)).contiguous()
             record_stats(layer, x, (), pooled.numel() * pooled.element_size())
-            ctx.save_for_backward(weight, pooled)
-        else:
-            record_stats(layer, x, (), 0)
-            ctx.save_for_backward(weight)
+            return (pooled,)
+
+        save_for_weight_grad(ctx, layer, x, weight, kept)
 
     @staticmethod
     @once_differentiable

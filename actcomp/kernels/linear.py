@@ -19,7 +19,15 @@ from torch.autograd.function import once_differentiable
 
 from actcomp.factors import LowRank, Tucker, _mode_product
 from actcomp.kernels import register_kernel
-from actcomp.kernels.common import LayerState, autocast_dtype, cast, compress_activation, record_stats, unpack
+from actcomp.kernels.common import (
+    LayerState,
+    autocast_dtype,
+    cast,
+    compress_activation,
+    record_stats,
+    save_for_weight_grad,
+    unpack,
+)
 
 
 def tucker_weight_grad(tucker: Tucker, grad_out: Tensor) -> Tensor:
@@ -52,14 +60,13 @@ class CompressedLinear(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         x, weight, bias, layer, _ = inputs
         ctx.has_bias = bias is not None
-        if weight.requires_grad:
+
+        def kept() -> tuple[Tensor, ...]:
             factors = compress_activation(x, layer, unfold=x.reshape(-1, x.shape[-1]))
             ctx.kind = type(factors)
-            ctx.save_for_backward(weight, *factors.tensors())
-        else:  # frozen weight: dX needs only W, nothing of x is kept
-            record_stats(layer, x, (), 0)
-            ctx.kind = None
-            ctx.save_for_backward(weight)
+            return factors.tensors()
+
+        save_for_weight_grad(ctx, layer, x, weight, kept)
 
     @staticmethod
     @once_differentiable

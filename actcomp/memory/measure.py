@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from actcomp.hooks.swap import compress, compressed_layers, restore
 from actcomp.kernels import base_type
+from actcomp.text import aligned_table
 
 LOSS_ROW = "(loss)"
 OUTSIDE_ROW = "(outside modules)"
@@ -98,11 +99,7 @@ class MemoryReport:
         total = ["total", "", "", format_bytes(self.saved_bytes)]
         if have_vanilla:
             total += [format_bytes(self.vanilla_saved_bytes), f"{self.saved_bytes / self.vanilla_saved_bytes:.3f}" if self.vanilla_saved_bytes else "-"]
-        lines.append(total)
-        widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        text = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        text += [fmt.format(*r) for r in lines[:-1]] + [fmt.format(*("-" * w for w in widths)), fmt.format(*lines[-1])]
+        text = [aligned_table(header, lines, footer=total)]
         peak = format_bytes(self.peak_bytes) if self.peak_bytes is not None else "n/a"
         summary = f"peak {peak} ({self.peak_source})"
         if self.vanilla_peak_bytes is not None:

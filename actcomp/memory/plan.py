@@ -31,6 +31,7 @@ from actcomp.hooks.swap import compress, restore, stats
 from actcomp.kernels import base_type
 from actcomp.memory.measure import format_bytes
 from actcomp.memory.saved import count_saved
+from actcomp.text import aligned_table
 
 DEFAULT_EPS_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -156,9 +157,7 @@ class Plan:
             [c.name, c.layer_type, "yes" if c.train else "no", f"{c.eps:g}" if c.eps is not None else "-", format_bytes(c.kept_bytes), f"{c.grad_error:.4f}"]
             for c in self.choices
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+        lines = [aligned_table(header, rows)]
         target = f" ({self.device})" if self.device else ""
         lines.append(
             f"{len(self.trained)} of {len(self.choices)} layers trained, method {self.method}; predicted {format_bytes(self.predicted_bytes)} "
