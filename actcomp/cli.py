@@ -115,6 +115,27 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from actcomp.export import graph_memory_plan, onnx_inference
+    from actcomp.finetune import build_model
+
+    model = build_model(args.model, args.classes, args.channels)
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    out = Path(args.out)
+    example = torch.randn(args.batch_size, args.channels, args.size, args.size)
+    result = onnx_inference(model, example, out / "model.onnx")
+    plan = graph_memory_plan(result.path)
+    (out / "memory_plan.json").write_text(plan.to_json())
+    print(f"wrote {result.path} ({result.size_bytes} bytes; onnxruntime vs eager max abs error {result.max_abs_error:.2g})")
+    print(plan)
+    if args.device:
+        print(plan.verdict(args.device))
+    return 0
+
+
 def _devices(args: argparse.Namespace) -> int:
     from actcomp.devices import list_devices, load_device
     from actcomp.memory import format_bytes
@@ -209,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="actcomp-compare", help="directory for compare.png and compare.csv")
     compare.add_argument("--no-progress", action="store_true")
     compare.set_defaults(run=_compare)
+
+    export = sub.add_parser("export", help="export the inference graph to ONNX (verified) with its static memory plan")
+    export.add_argument("--model", default="tiny_mobilenet")
+    export.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save (e.g. OUT/model.pt of finetune)")
+    export.add_argument("--classes", type=int, default=5)
+    export.add_argument("--channels", type=int, default=1)
+    export.add_argument("--size", type=int, default=32)
+    export.add_argument("--batch-size", type=int, default=1)
+    export.add_argument("--device", help="also check the plan against a device profile")
+    export.add_argument("--out", default="actcomp-export", help="directory for model.onnx and memory_plan.json")
+    export.set_defaults(run=_export)
 
     devices = sub.add_parser("devices", help="list the device profiles (RAM, flash, budget, peak compute)")
     devices.add_argument("--file", metavar="PATH", help="check and show your own profile file instead")
