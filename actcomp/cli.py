@@ -117,22 +117,39 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import torch
+    from torch import nn
 
-    from actcomp.export import graph_memory_plan, onnx_inference
-    from actcomp.finetune import build_model
+    from actcomp.export import export_bundle, graph_memory_plan, onnx_inference
+    from actcomp.finetune import build_model, load_data
 
-    model = build_model(args.model, args.classes, args.channels)
+    data = load_data(args.data, args.size, args.seed)
+    model = build_model(args.model, data.num_classes, data.in_channels)
     if args.weights:
         model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     out = Path(args.out)
-    example = torch.randn(args.batch_size, args.channels, args.size, args.size)
-    result = onnx_inference(model, example, out / "model.onnx")
-    plan = graph_memory_plan(result.path)
-    (out / "memory_plan.json").write_text(plan.to_json())
-    print(f"wrote {result.path} ({result.size_bytes} bytes; onnxruntime vs eager max abs error {result.max_abs_error:.2g})")
-    print(plan)
-    if args.device:
-        print(plan.verdict(args.device))
+    if not args.step:
+        result = onnx_inference(model, data.train_x[: args.batch_size], out / "model.onnx")
+        plan = graph_memory_plan(result.path)
+        (out / "memory_plan.json").write_text(plan.to_json())
+        print(f"wrote {result.path} ({result.size_bytes} bytes; onnxruntime vs eager max abs error {result.max_abs_error:.2g})")
+        print(plan)
+        if args.device:
+            print(plan.verdict(args.device))
+        return 0
+    model.requires_grad_(False)
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.requires_grad_(True)
+    batch = (data.train_x[: args.batch_size], data.train_y[: args.batch_size])
+    manifest = export_bundle(
+        model, batch, out, data=(data.train_x, data.train_y), device=args.device,
+        max_rank=args.max_rank, eps=args.eps, momentum=args.momentum, lr=args.lr,
+    )
+    print(f"wrote the bundle to {out}: step.onnx ({manifest['step_bytes']} bytes), model.onnx, state.npz, data.npz, manifest.json, runner.py")
+    print(f"step verified against eager PyTorch: max abs error {manifest['verified_max_abs_error']:.2g}")
+    plan = manifest["memory_plan"]
+    print(f"step memory plan: peak {plan['peak_bytes']} bytes, weights {plan['weights_bytes']} bytes" + (f"; {plan['verdict']}" if "verdict" in plan else ""))
+    print(f"fine-tune on the device: python {out / 'runner.py'} --steps 20")
     return 0
 
 
@@ -231,15 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-progress", action="store_true")
     compare.set_defaults(run=_compare)
 
-    export = sub.add_parser("export", help="export the inference graph to ONNX (verified) with its static memory plan")
+    export = sub.add_parser(
+        "export",
+        help="export to ONNX: the inference graph, or with --step a fine-tuning bundle (step graph, state, runner)",
+        description="Without --step: the verified inference graph and its static memory plan. With --step: "
+        "a bundle that fine-tunes the model's Linear layers (the rest frozen) with onnxruntime and numpy only.",
+    )
     export.add_argument("--model", default="tiny_mobilenet")
     export.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save (e.g. OUT/model.pt of finetune)")
-    export.add_argument("--classes", type=int, default=5)
-    export.add_argument("--channels", type=int, default=1)
+    export.add_argument("--data", default="digits", help="'digits' or an ImageFolder directory: shapes, classes, bundle data")
     export.add_argument("--size", type=int, default=32)
-    export.add_argument("--batch-size", type=int, default=1)
-    export.add_argument("--device", help="also check the plan against a device profile")
-    export.add_argument("--out", default="actcomp-export", help="directory for model.onnx and memory_plan.json")
+    export.add_argument("--batch-size", type=int, default=1, help="static batch of the graphs (default 1)")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--step", action="store_true", help="write the fine-tuning bundle instead of the inference graph")
+    export.add_argument("--eps", type=float, default=0.9, help="explained variance kept by the step's compression")
+    export.add_argument("--max-rank", type=int, default=8, help="static rank of the step's factorisations (default 8)")
+    export.add_argument("--momentum", type=float, default=0.0)
+    export.add_argument("--lr", type=float, default=0.05)
+    export.add_argument("--device", help="also check the memory plan against a device profile")
+    export.add_argument("--out", default="actcomp-export", help="output directory")
     export.set_defaults(run=_export)
 
     devices = sub.add_parser("devices", help="list the device profiles (RAM, flash, budget, peak compute)")

@@ -1,0 +1,98 @@
+"""ONNX training step with compressed activations: verified against eager, runs without PyTorch."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import actcomp
+from actcomp.data import digits
+from actcomp.export import export_bundle, graph_memory_plan, training_step
+from actcomp.export.step import _StepBuilder, subspace_step
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def head_model():
+    """A frozen conv front (with BatchNorm, frozen on its running statistics) and two trainable Linear layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(),
+        nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5),
+    )
+    model[:5].requires_grad_(False)
+    return model
+
+
+def test_subspace_step_masks_to_the_eps_rank():
+    torch.manual_seed(0)
+    x = torch.randn(40, 3) @ torch.randn(3, 12) + 1e-3 * torch.randn(40, 12)  # rank ~3
+    basis, masked = subspace_step(x.double(), torch.linalg.qr(torch.randn(12, 6, dtype=torch.float64)).Q, 0.99)
+    assert torch.allclose(basis.T @ basis, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    kept = int((masked.abs().sum(0) > 0).sum())
+    assert 1 <= kept <= 3
+    energy = ((x.double() @ masked) ** 2).sum() / (x.double() ** 2).sum()
+    assert energy >= 0.99 - 1e-6
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_step_matches_eager_and_is_clean(tmp_path, momentum):
+    model = head_model()
+    x, y = digits((5, 6, 7, 8, 9), size=16)
+    result = training_step(model, (x[:16], y[:16]), tmp_path / "step.onnx", momentum=momentum)
+    assert result.max_abs_error <= result.tolerance
+    graph = onnx.load(result.path)
+    assert graph.opset_import[0].version >= 17 and not graph.metadata_props and graph.producer_name == ""
+    assert [i.name for i in graph.graph.input] == result.inputs
+    expected_state = ["5.weight", "5.bias", "7.weight", "7.bias"]
+    if momentum:
+        expected_state += [f"momentum.{n}" for n in expected_state]
+    assert result.inputs == [*expected_state, "basis.5", "basis.7", "x", "y", "lr"]
+    # Frozen layers are initializers, not inputs: the conv weight is in the graph.
+    assert any(t.dims == [4, 1, 3, 3] for t in graph.graph.initializer)
+    plan = graph_memory_plan(result.path)
+    assert plan.peak_bytes > 0
+
+
+def test_trainable_conv_is_refused(tmp_path):
+    model = head_model()
+    model[0].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) is trainable; the training-step export supports trainable Linear layers only"):
+        training_step(model, (torch.randn(4, 1, 16, 16), torch.randint(0, 5, (4,))), tmp_path / "s.onnx")
+
+
+def test_bundle_runner_trains_without_torch_and_matches_eager(tmp_path):
+    model = head_model()
+    x, y = digits((5, 6, 7, 8, 9), size=16)
+    bundle = tmp_path / "bundle"
+    manifest = export_bundle(model, (x[:32], y[:32]), bundle, data=(x[:320], y[:320]), device="stm32h743", lr=0.2, momentum=0.9)
+    for name in ("step.onnx", "model.onnx", "state.npz", "data.npz", "manifest.json", "runner.py"):
+        assert (bundle / name).exists(), name
+    assert "fits stm32h743" in manifest["memory_plan"]["verdict"]
+    # The runner in a fresh interpreter that cannot import torch.
+    runner = str(bundle / "runner.py")
+    code = f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{runner!r}, '--steps', '10']; runpy.run_path({runner!r}, run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=bundle)
+    assert out.returncode == 0, out.stderr
+    losses = [float(line.split()[-1]) for line in out.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+    # The same ten steps in eager PyTorch, on the same factorisation.
+    builder = _StepBuilder(model, manifest["max_rank"], manifest["eps"], manifest["momentum"])
+    state = builder.initial()
+    eager = []
+    for step in range(10):
+        start = step * 32
+        outputs = builder(*state, x[start : start + 32], y[start : start + 32], torch.tensor(0.2))
+        state, loss = list(outputs[:-1]), outputs[-1]
+        eager.append(float(loss))
+    assert np.allclose(losses, eager, rtol=1e-4, atol=1e-5)
+    final = dict(np.load(bundle / "state.npz"))
+    assert np.allclose(final["5.weight"], state[0].numpy(), atol=1e-4)
+    assert json.loads((bundle / "manifest.json").read_text())["state_inputs"][0] == "5.weight"
+    assert actcomp.compressed_layers(model) == {}
