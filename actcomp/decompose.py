@@ -9,7 +9,8 @@ eigenvalues sum to at least ``eps`` times the total, which is ||X||_F^2 for ever
 
 All functions run under ``torch.no_grad()`` (decomposition work is never recorded by autograd),
 compute in float32 (float64 for float64 inputs) whatever the input dtype, return contiguous
-tensors in the input's dtype, and synchronise with the device at most once per call.
+tensors in the input's dtype, and synchronise with the device once per call (twice for
+``tracked_hosvd`` on a step that has to recompute a tracked mode).
 """
 
 from __future__ import annotations
@@ -128,15 +129,8 @@ def _top_eigenvectors(grams: list[Tensor], eps: float) -> list[Tensor]:
     Raises NonFiniteActivationError when the tensor behind the Gram matrices holds NaN/Inf
     (its squared norm, the trace of any of its Gram matrices, is then not finite).
     """
-    device = grams[0].device
-    if device.type != "cpu":
-        sizes = [g.shape[0] for g in grams]
-        flat = torch.cat([g.reshape(-1) for g in grams]).cpu()
-        host = [m.view(n, n) for m, n in zip(flat.split([n * n for n in sizes]), sizes)]
-        vectors = _top_eigenvectors(host, eps)
-        packed = torch.cat([v.reshape(-1) for v in vectors]).pin_memory().to(device, non_blocking=True)
-        parts = packed.split([v.numel() for v in vectors])
-        return [p.view(v.shape) for p, v in zip(parts, vectors)]
+    if grams[0].device.type != "cpu":
+        return _to_device(_top_eigenvectors(_to_host(grams, grams[0].dtype), eps), grams[0])
     if not bool(torch.isfinite(grams[0].diagonal().sum())):
         raise NonFiniteActivationError("the activation holds NaN or Inf values")
     out = []
@@ -245,19 +239,21 @@ class SubspaceTracker:
     steps: int = 0
 
 
-def _to_host(tensors: list[Tensor]) -> list[Tensor]:
-    """Copy tensors to the host in one transfer (one sync), as float64."""
+def _to_host(tensors: list[Tensor], dtype: torch.dtype = torch.float64) -> list[Tensor]:
+    """Copy tensors to the host in one transfer (the one sync), in ``dtype``."""
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors]).cpu()
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def _to_device(t: Tensor, like: Tensor) -> Tensor:
-    t = t.to(like.dtype)
-    if like.device.type == "cpu":
-        return t
-    return t.pin_memory().to(like.device, non_blocking=True)
+def _to_device(tensors: list[Tensor], like: Tensor) -> list[Tensor]:
+    """Host tensors to ``like``'s device and dtype in one non-blocking copy from pinned memory
+    (no sync); on the CPU only the dtype changes."""
+    if like.device.type == "cpu" or not tensors:
+        return [t.to(like.dtype) for t in tensors]
+    packed = torch.cat([t.reshape(-1).to(like.dtype) for t in tensors]).pin_memory().to(like.device, non_blocking=True)
+    return [part.view(t.shape) for part, t in zip(packed.split([t.numel() for t in tensors]), tensors)]
 
 
 def _host_top_eigenvectors(gram: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
@@ -303,7 +299,7 @@ def tracked_hosvd(x: Tensor, eps: float, tracker: SubspaceTracker) -> Tucker:
     fresh_grams = dict(zip(fresh, host[2 : 2 + len(fresh)]))
     tracked_energy = dict(zip(tracked, host[2 + len(fresh) :]))
 
-    factors: dict[int, Tensor] = {0: _mode_factor(xc, 0, _to_device(_host_top_eigenvectors(batch_gram, eps, xc.dtype), xc))}
+    factors: dict[int, Tensor] = {0: _mode_factor(xc, 0, *_to_device([_host_top_eigenvectors(batch_gram, eps, xc.dtype)], xc))}
     projected: dict[int, Tensor] = {}
     lost = []
     for n, (u, t, z) in tracked.items():
@@ -324,7 +320,7 @@ def tracked_hosvd(x: Tensor, eps: float, tracker: SubspaceTracker) -> Tucker:
         tracker.recomputed += 1
         values, vectors = torch.linalg.eigh(gram.to(xc.dtype))
         k = int(_rank_tensor(values.flip(-1), eps))
-        carried = _mode_factor(xc, n, _to_device(vectors.flip(-1)[:, : k + tracker.margin], xc))
+        carried = _mode_factor(xc, n, *_to_device([vectors.flip(-1)[:, : k + tracker.margin]], xc))
         factors[n] = carried[:, :k]
         tracker.factors[n] = carried
     tracker.steps += 1
@@ -343,6 +339,6 @@ def _grow(q: Tensor, rank: int) -> Tensor:
     if rank <= q.shape[1]:
         return q[:, :rank].contiguous()
     generator = torch.Generator(device="cpu").manual_seed(q.shape[0] * 7919 + rank)
-    extra = _to_device(torch.randn(q.shape[0], rank - q.shape[1], generator=generator, dtype=torch.float64), q)
+    (extra,) = _to_device([torch.randn(q.shape[0], rank - q.shape[1], generator=generator, dtype=torch.float64)], q)
     extra -= q @ (q.T @ extra)
     return torch.linalg.qr(torch.cat([q, extra], dim=1)).Q
