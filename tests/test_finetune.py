@@ -53,3 +53,24 @@ def test_resume_refuses_other_settings(tmp_path):
         run_finetune(FinetuneConfig(epochs=2, batch_size=128, layers="last:1", eps=0.5), tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="nothing to resume"):
         run_finetune(FinetuneConfig(), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_imagefolder_data(tmp_path):
+    """An ImageFolder directory (one sub-directory per class) trains like the bundled digits."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for c, name in enumerate(("cats", "dogs", "owls")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = (torch.rand(12, 12, 3, generator=rng) * 80 + 80 * c).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    argv = [
+        "finetune", "--data", str(tmp_path / "images"), "--size", "16", "--epochs", "2", "--batch-size", "4",
+        "--layers", "last:2", "--out", str(tmp_path / "run"), "--no-progress",
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics) == 2 and metrics[-1]["saved_bytes"] > 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"] == str(tmp_path / "images")
