@@ -117,12 +117,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import torch
-    from torch import nn
 
     from actcomp.export import export_bundle, graph_memory_plan, onnx_inference
     from actcomp.finetune import build_model, load_data
 
     data = load_data(args.data, args.size, args.seed)
+    torch.manual_seed(args.seed)
     model = build_model(args.model, data.num_classes, data.in_channels)
     if args.weights:
         model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
@@ -136,10 +136,12 @@ def _export(args: argparse.Namespace) -> int:
         if args.device:
             print(plan.verdict(args.device))
         return 0
+    from actcomp.hooks import select_layers
+
     model.requires_grad_(False)
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.requires_grad_(True)
+    modules = dict(model.named_modules())
+    for name in select_layers(model, args.train, sample=data.train_x[:1]):
+        modules[name].requires_grad_(True)
     batch = (data.train_x[: args.batch_size], data.train_y[: args.batch_size])
     manifest = export_bundle(
         model, batch, out, data=(data.train_x, data.train_y), device=args.device,
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export to ONNX: the inference graph, or with --step a fine-tuning bundle (step graph, state, runner)",
         description="Without --step: the verified inference graph and its static memory plan. With --step: "
-        "a bundle that fine-tunes the model's Linear layers (the rest frozen) with onnxruntime and numpy only.",
+        "a bundle that fine-tunes the --train layers (the rest frozen) with onnxruntime and numpy only.",
     )
     export.add_argument("--model", default="tiny_mobilenet")
     export.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save (e.g. OUT/model.pt of finetune)")
@@ -261,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--batch-size", type=int, default=1, help="static batch of the graphs (default 1)")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--step", action="store_true", help="write the fine-tuning bundle instead of the inference graph")
+    export.add_argument("--train", default="last:2", help="layers the bundle trains: last:N (execution order), re:..., names (default last:2)")
     export.add_argument("--eps", type=float, default=0.9, help="explained variance kept by the step's compression")
     export.add_argument("--max-rank", type=int, default=8, help="static rank of the step's factorisations (default 8)")
     export.add_argument("--momentum", type=float, default=0.0)

@@ -1,22 +1,27 @@
 """training_step(): one ONNX graph for a whole fine-tuning step with compressed activations.
 
-Graph inputs: the trainable weights, the momentum buffers (momentum > 0), one tracked subspace
-per trainable Linear layer, a batch (x, y) and the learning rate. Outputs: the new weights,
-new buffers, new subspaces and the loss. Inside: the forward (frozen layers as initializers,
-BatchNorm frozen on its running statistics, dropout off), a cross-entropy written out
-explicitly, the backward, and the SGD update.
+Graph inputs: the trainable weights, the momentum buffers (momentum > 0), the tracked subspaces
+(one per trainable Linear layer, three per trainable Conv2d: channels, height, width), a batch
+(x, y) and the learning rate. Outputs: the new weights, new buffers, new subspaces and the
+loss. Inside: the forward (frozen layers as initializers, BatchNorm frozen on its running
+statistics, dropout off), a cross-entropy written out explicitly, the backward, the SGD update.
 
-Compression must be static for a graph: each trainable Linear keeps a rank-``max_rank``
-factorisation of its input rows X (N x C), X ~ (X V) V^T, where V comes from one step of
-subspace iteration warm-started at the tracked subspace (V <- orth(X^T X V_prev), Gram-Schmidt
-applied twice and unrolled over the columns: only MatMul, ReduceSum, Sqrt and Div) and the
-columns beyond the eps rank are masked to zero in-graph (cumulative energy against
-eps ||X||^2). The layer keeps L = X V_m and V_m; dW = (dY^T L) V_m^T, dX = dY W exactly.
+Compression must be static for a graph. Every subspace has a fixed rank (``max_rank``, capped by
+the mode's size), comes from one step of subspace iteration warm-started at the tracked
+subspace (V <- orth(X_(n) X_(n)^T V_prev), Gram-Schmidt applied twice and unrolled over the
+columns, in float64: only MatMul, ReduceSum, Sqrt and Div), and its columns beyond the eps rank
+are masked to zero in-graph (cumulative energy against eps ||X||^2). A trainable Linear keeps
+L = X V and V of its input rows: dW = (dY^T L) V^T. A trainable Conv2d keeps a Tucker core and
+four factors (the batch mode from two iterations at a fixed start every step, never carried)
+and computes dW from them as the conv kernel's "expand" route, with convolutions only (stride
+and dilation swapped); dX is exact from the weight (conv_transpose2d). Dense and depthwise
+convolutions with integer zero padding are supported; anything else trainable raises
+ValueError naming the layer.
 
-The graph is traced with make_fx (which records the custom backward) and exported with the
-torch.export-based exporter; onnxruntime then runs it on the example batch and every output is
-compared with the same step run eagerly in PyTorch. Trainable layers must be Linear for now;
-anything else trainable raises ValueError naming the layer.
+The graph is traced with make_fx (which records the custom backward; the backward ops of
+frozen pooling layers are decomposed into forward ops) and exported with the torch.export-based
+exporter; onnxruntime then runs it on the example batch and every output is compared with the
+same step run eagerly in PyTorch.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._decomp
 from torch import Tensor, nn
 
 from actcomp.hooks.swap import restore
@@ -60,38 +66,139 @@ def subspace_step(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tens
 
     Returns the new orthonormal basis V (C x K), carried to the next step, and V with the
     columns beyond the eps rank set to zero (the kept energy of the first k columns is the
-    smallest reaching eps ||x||^2). Gram-Schmidt is applied twice per column, unrolled.
+    smallest reaching eps ||x||^2). Gram-Schmidt is applied twice per column, unrolled, in
+    float64: the iterated columns are nearly parallel, and in float32 the directions after the
+    first few would be set by rounding and differ between runtimes.
     """
+    dtype = x.dtype
+    x = x.double()  # the iterated columns are nearly parallel: float32 would leave the tail to rounding
+    previous = previous.double()
     z = x.T @ (x @ previous)
+    floor = 1e-5 * torch.sqrt((z * z).sum(0).max())
     columns: list[Tensor] = []
-    for k in range(z.shape[1]):
-        c = z[:, k]
+
+    def orthogonalised(c: Tensor) -> tuple[Tensor, Tensor]:
         for _ in range(2):
             for q in columns:
                 c = c - q * (q @ c)
-        columns.append(c / torch.sqrt((c * c).sum() + 1e-30))
+        norm = torch.sqrt((c * c).sum())
+        return c / (norm + 1e-300), norm
+
+    for k in range(z.shape[1]):
+        iterated, norm = orthogonalised(z[:, k])
+        kept, _ = orthogonalised(previous[:, k])
+        # A direction x barely reaches (rank of x below K, or an eigenvalue under 1e-5 of the
+        # top one) iterates to rounding noise, which differs between runtimes: carry the
+        # previous direction instead, so that every runtime returns the same basis.
+        columns.append(torch.where(norm > floor, iterated, kept))
     basis = torch.stack(columns, 1)
     energy = ((x @ basis) ** 2).sum(0)
     before = torch.cumsum(energy, 0) - energy
-    mask = (before < eps * (x * x).sum()).to(x.dtype)
-    return basis, basis * mask
+    mask = (before < eps * (x * x).sum()).to(basis.dtype)
+    return basis.to(dtype), (basis * mask).to(dtype)
 
 
-def _trainable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def _check_conv(name: str, conv: nn.Conv2d) -> None:
+    why = None
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        why = "zero padding given as integers"
+    elif not (conv.groups == 1 or conv.groups == conv.in_channels):
+        why = "dense (groups=1) or depthwise convolutions"
+    if why:
+        raise ValueError(f"layer '{name}' (Conv2d) is trainable; the training-step export supports {why}: freeze it (requires_grad_(False))")
+
+
+def _trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     layers = []
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        if base_type(module) is not nn.Linear:
+        kind = base_type(module)
+        if kind is nn.Conv2d:
+            _check_conv(name, module)
+        elif kind is not nn.Linear:
             raise ValueError(
-                f"layer '{name}' ({base_type(module).__name__}) is trainable; the training-step export "
-                "supports trainable Linear layers only: freeze it (requires_grad_(False))"
+                f"layer '{name}' ({kind.__name__}) is trainable; the training-step export "
+                "supports trainable Linear and Conv2d layers only: freeze it (requires_grad_(False))"
             )
         layers.append((name, module))
     if not layers:
-        raise ValueError("the model has no trainable parameter: unfreeze the Linear layers to fine-tune")
+        raise ValueError("the model has no trainable parameter: unfreeze the Linear or Conv2d layers to fine-tune")
     return layers
+
+
+def _mode_rows(x: Tensor, mode: int) -> Tensor:
+    """The transposed mode-n unfolding X_(n)^T (rest x I_n): its rows are the mode's fibres."""
+    return x.movedim(mode, -1).reshape(-1, x.shape[mode])
+
+
+def _mode_product(x: Tensor, matrix: Tensor, mode: int) -> Tensor:
+    """x x_mode matrix, for matrix (J, I_mode)."""
+    return torch.tensordot(matrix, x, dims=([1], [mode])).movedim(0, mode)
+
+
+@dataclass(frozen=True)
+class _ConvSpec:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+class _TuckerConv2d(torch.autograd.Function):
+    """conv2d that keeps a Tucker factorisation (static ranks, masked factors) of its input.
+
+    Backward, all with exportable ops: dX by conv_transpose2d; dW from the factors: the batch
+    factor folded into dY, the spatial factors expanded through the zero padding, the channel
+    factor expanded, then the weight gradient of that K_B-sample pseudo-batch as a convolution
+    of the input by dY with stride and dilation swapped (channels as batch for dense convs,
+    one group per channel for depthwise ones).
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, u_b, u_c, u_h, u_w, conv):  # type: ignore[override]
+        return torch.nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, weight, bias, u_b, u_c, u_h, u_w, conv = inputs
+        core = x
+        for mode, u in enumerate((u_b, u_c, u_h, u_w)):
+            core = _mode_product(core, u.T, mode)
+        ctx.conv, ctx.input_shape, ctx.has_bias = conv, x.shape, bias is not None
+        ctx.save_for_backward(weight, core, u_b, u_c, u_h, u_w)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        weight, core, u_b, u_c, u_h, u_w = ctx.saved_tensors
+        conv = ctx.conv
+        (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+        kh, kw = weight.shape[2:]
+        height, width = ctx.input_shape[2:]
+        extra_h = height - ((grad_out.shape[2] - 1) * sh - 2 * ph + dh * (kh - 1) + 1)
+        extra_w = width - ((grad_out.shape[3] - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
+        grad_x = torch.nn.functional.conv_transpose2d(
+            grad_out, weight, None, conv.stride, conv.padding, (extra_h, extra_w), conv.groups, conv.dilation
+        )
+        folded = _mode_product(grad_out, u_b.T, 0)  # (K_B, O, H', W')
+        pad_h = torch.nn.functional.pad(u_h, (0, 0, ph, ph))
+        pad_w = torch.nn.functional.pad(u_w, (0, 0, pw, pw))
+        pseudo = _mode_product(_mode_product(_mode_product(core, pad_h, 2), pad_w, 3), u_c, 1)  # (K_B, C, Hp, Wp)
+        rank = pseudo.shape[0]
+        if conv.groups == 1:
+            grad_w = torch.nn.functional.conv2d(pseudo.transpose(0, 1), folded.transpose(0, 1), None, conv.dilation, 0, conv.stride)
+            grad_w = grad_w.transpose(0, 1)
+        else:  # depthwise (with channel multiplier): one group per input channel
+            channels = pseudo.shape[1]
+            grad_w = torch.nn.functional.conv2d(
+                pseudo.transpose(0, 1).reshape(1, channels * rank, *pseudo.shape[2:]),
+                folded.transpose(0, 1), None, conv.dilation, 0, conv.stride, channels,
+            )
+            grad_w = grad_w.reshape(weight.shape[0], 1, *grad_w.shape[2:])
+        grad_w = grad_w[:, :, :kh, :kw]
+        grad_b = grad_out.sum((0, 2, 3)) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 @dataclass
@@ -113,26 +220,51 @@ class StepExport:
 
 
 class _StepBuilder:
-    """The step as a function of flat tensors, usable eagerly and under make_fx."""
+    """The step as a function of flat tensors, usable eagerly and under make_fx.
 
-    def __init__(self, model: nn.Module, max_rank: int, eps: float, momentum: float) -> None:
+    Tracked subspaces: one per trainable Linear (its input features), three per trainable
+    Conv2d (channels, height, width); the batch mode is never carried: two subspace-iteration
+    steps from a fixed start every step.
+    """
+
+    def __init__(self, model: nn.Module, max_rank: int, eps: float, momentum: float, example_x: Tensor) -> None:
         self.model = restore(copy.deepcopy(model)).eval()
-        self.layers = _trainable_linears(self.model)
+        self.layers = _trainable_layers(self.model)
         self.params = [(f"{n}.{k}", p) for n, m in self.layers for k, p in m.named_parameters(recurse=False) if p.requires_grad]
         self.model.requires_grad_(False)
         self.eps, self.momentum = eps, momentum
+        self.basis_names: list[str] = []
+        self.bases: list[Tensor] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
         generator = torch.Generator().manual_seed(0)
-        self.bases = [
-            torch.linalg.qr(torch.randn(m.in_features, min(max_rank, m.in_features), generator=generator, dtype=m.weight.dtype)).Q
-            for _, m in self.layers
-        ]
+        handles = [m.register_forward_pre_hook(lambda mod, a, n=n: self.shapes.__setitem__(n, tuple(a[0].shape))) for n, m in self.layers]
+        try:
+            with torch.no_grad():
+                self.model(example_x)  # each trainable layer's input shape: static in the graph
+        finally:
+            for h in handles:
+                h.remove()
+
+        def start(size: int, dtype: torch.dtype) -> Tensor:
+            return torch.linalg.qr(torch.randn(size, min(max_rank, size), generator=generator, dtype=dtype)).Q
+
+        for name, module in self.layers:
+            dtype = module.weight.dtype
+            if isinstance(module, nn.Linear):
+                self.basis_names.append(f"basis.{name}")
+                self.bases.append(start(module.in_features, dtype))
+            else:
+                _, channels, height, width = self.shapes[name]
+                for label, size in (("c", channels), ("h", height), ("w", width)):
+                    self.basis_names.append(f"basis.{name}.{label}")
+                    self.bases.append(start(size, dtype))
+        self.batch_start = {n: start(self.shapes[n][0], m.weight.dtype) for n, m in self.layers if isinstance(m, nn.Conv2d)}
 
     def names(self) -> tuple[list[str], list[str]]:
         weights = [n for n, _ in self.params]
         buffers = [f"momentum.{n}" for n in weights] if self.momentum else []
-        bases = [f"basis.{n}" for n, _ in self.layers]
-        inputs = [*weights, *buffers, *bases, "x", "y", "lr"]
-        outputs = [f"new.{n}" for n in [*weights, *buffers, *bases]] + ["loss"]
+        inputs = [*weights, *buffers, *self.basis_names, "x", "y", "lr"]
+        outputs = [f"new.{n}" for n in [*weights, *buffers, *self.basis_names]] + ["loss"]
         return inputs, outputs
 
     def initial(self) -> list[Tensor]:
@@ -141,16 +273,19 @@ class _StepBuilder:
         return [*weights, *buffers, *[b.clone() for b in self.bases]]
 
     def __call__(self, *flat: Tensor) -> tuple[Tensor, ...]:
-        n_params, n_layers = len(self.params), len(self.layers)
+        n_params, n_bases = len(self.params), len(self.bases)
         weights = [w.detach().requires_grad_() for w in flat[:n_params]]
         offset = n_params * (2 if self.momentum else 1)
         buffers = list(flat[n_params:offset])
-        bases = list(flat[offset : offset + n_layers])
-        x, y, lr = flat[offset + n_layers :]
+        bases = list(flat[offset : offset + n_bases])
+        x, y, lr = flat[offset + n_bases :]
         by_name = {n: w for (n, _), w in zip(self.params, weights)}
         new_bases: list[Tensor] = []
-        for index, (name, module) in enumerate(self.layers):
-            module.forward = self._forward(name, module, by_name, bases[index], new_bases)  # type: ignore[method-assign]
+        cursor = 0
+        for name, module in self.layers:
+            count = 1 if isinstance(module, nn.Linear) else 3
+            module.forward = self._forward(name, module, by_name, bases[cursor : cursor + count], new_bases)  # type: ignore[method-assign]
+            cursor += count
         try:
             out = self.model(x)
         finally:
@@ -168,17 +303,67 @@ class _StepBuilder:
         new_weights = [(w - lr * s).detach() for w, s in zip(weights, steps)]
         return (*new_weights, *[b.detach() for b in buffers], *new_bases, loss.detach())
 
-    def _forward(self, name: str, module: nn.Linear, by_name: dict[str, Tensor], previous: Tensor, new_bases: list[Tensor]):
-        def forward(inp: Tensor) -> Tensor:
+    def _forward(self, name: str, module: nn.Module, by_name: dict[str, Tensor], previous: list[Tensor], new_bases: list[Tensor]):
+        weight = by_name.get(f"{name}.weight", module.weight)
+        bias = by_name.get(f"{name}.bias", module.bias)
+
+        def linear(inp: Tensor) -> Tensor:
             rows = inp.reshape(-1, inp.shape[-1])
-            basis, masked = subspace_step(rows.detach(), previous, self.eps)
+            basis, masked = subspace_step(rows.detach(), previous[0], self.eps)
             new_bases.append(basis)
-            weight = by_name.get(f"{name}.weight", module.weight)
-            bias = by_name.get(f"{name}.bias", module.bias)
             out = _LowRankLinear.apply(rows, weight, bias, masked)
             return out.reshape(*inp.shape[:-1], out.shape[-1])
 
-        return forward
+        def conv(inp: Tensor) -> Tensor:
+            data = inp.detach()
+            batch, _ = subspace_step(_mode_rows(data, 0), self.batch_start[name], self.eps)
+            _, u_b = subspace_step(_mode_rows(data, 0), batch, self.eps)  # two steps: never carried
+            factors = []
+            for mode, start in zip((1, 2, 3), previous):
+                basis, masked = subspace_step(_mode_rows(data, mode), start, self.eps)
+                new_bases.append(basis)
+                factors.append(masked)
+            spec = _ConvSpec(tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
+            return _TuckerConv2d.apply(inp, weight, bias, u_b, *factors, spec)
+
+        return linear if isinstance(module, nn.Linear) else conv
+
+
+def _avg_pool2d_backward(grad_output, inp, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """Non-overlapping average pooling (stride = kernel, no padding): spread each gradient over
+    its window; other configurations keep the op (and fail to export with its name)."""
+    kh, kw = kernel_size if len(kernel_size) == 2 else (kernel_size[0],) * 2
+    sh, sw = (stride if len(stride) == 2 else (stride[0],) * 2) if stride else (kh, kw)
+    if (sh, sw) != (kh, kw) or any(padding) or ceil_mode or divisor_override is not None:
+        return NotImplemented
+    spread = grad_output.repeat_interleave(kh, 2).repeat_interleave(kw, 3) / (kh * kw)
+    height, width = inp.shape[2:]
+    return torch.nn.functional.pad(spread, (0, width - spread.shape[3], 0, height - spread.shape[2]))
+
+
+def _adaptive_avg_pool2d_backward(grad_output, inp):
+    """Adaptive average pooling whose windows tile the input (sizes divisible, global pooling)."""
+    height, width = inp.shape[2:]
+    oh, ow = grad_output.shape[2:]
+    if height % oh or width % ow:
+        return NotImplemented
+    kh, kw = height // oh, width // ow
+    return grad_output.repeat_interleave(kh, 2).repeat_interleave(kw, 3) / (kh * kw)
+
+
+_BACKWARD_DECOMPOSITIONS = {
+    **torch._decomp.get_decompositions(
+        [
+            torch.ops.aten.max_pool2d_with_indices_backward,
+            torch.ops.aten.hardtanh_backward,
+            torch.ops.aten.threshold_backward,
+            torch.ops.aten._log_softmax_backward_data,
+            torch.ops.aten.native_batch_norm_backward,
+        ]
+    ),
+    torch.ops.aten.avg_pool2d_backward.default: _avg_pool2d_backward,
+    torch.ops.aten._adaptive_avg_pool2d_backward.default: _adaptive_avg_pool2d_backward,
+}
 
 
 def _strip_metadata(path: Path) -> None:
@@ -224,13 +409,15 @@ def training_step(
     if not 0 < eps <= 1 or max_rank < 1 or not 0 <= momentum < 1:
         raise ValueError(f"need 0 < eps <= 1, max_rank >= 1, 0 <= momentum < 1; got eps={eps}, max_rank={max_rank}, momentum={momentum}")
     x, y = example_batch
-    builder = _StepBuilder(model, max_rank, eps, momentum)
+    builder = _StepBuilder(model, max_rank, eps, momentum, x)
     inputs, outputs = builder.names()
     args = (*builder.initial(), x.detach(), y.detach().long(), torch.tensor(lr, dtype=x.dtype))
     expected = builder(*args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = make_fx(builder)(*args)
+        # Backward ops of frozen modules without an ONNX translation (avg_pool2d_backward, ...)
+        # are decomposed into forward ops while tracing.
+        traced = make_fx(builder, decomposition_table=_BACKWARD_DECOMPOSITIONS)(*args)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.onnx.export(traced, args, str(path), dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs, verbose=False)

@@ -1,5 +1,6 @@
 """ONNX training step with compressed activations: verified against eager, runs without PyTorch."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -19,15 +20,52 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-def head_model():
-    """A frozen conv front (with BatchNorm, frozen on its running statistics) and two trainable Linear layers."""
+def head_model(train_conv=False):
+    """A conv front (BatchNorm frozen on its running statistics) and two trainable Linear layers."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(),
         nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5),
     )
     model[:5].requires_grad_(False)
+    model[0].requires_grad_(train_conv)
     return model
+
+
+def conv_model():
+    """Dense strided conv, frozen BatchNorm, depthwise dilated conv with channel multiplier, Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU6(),
+        nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=4), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 3),
+    )
+    model[1].requires_grad_(False)
+    return model.eval()
+
+
+def test_step_is_plain_sgd_at_eps_one_with_full_ranks():
+    """With ranks >= every mode and eps = 1 the factorisations are exact: the compressed step
+    (conv and Linear layers) equals a plain-autograd SGD step."""
+    model = conv_model().double()
+    x, y = torch.randn(6, 2, 10, 10, dtype=torch.float64), torch.randint(0, 3, (6,))
+    builder = _StepBuilder(model, 100, 1.0, 0.0, x)
+    out = builder(*builder.initial(), x, y, torch.tensor(0.1, dtype=torch.float64))
+    reference = copy.deepcopy(model)
+    loss = nn.functional.cross_entropy(reference(x), y)
+    loss.backward()
+    plain = [(p - 0.1 * p.grad).detach() for p in reference.parameters() if p.requires_grad]
+    assert len(plain) == 6
+    for ours, theirs in zip(out, plain):
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+    assert abs(float(out[-1]) - float(loss)) < 1e-12
+
+
+def test_conv_step_exports_and_matches_eager(tmp_path):
+    model = conv_model()
+    x, y = torch.randn(6, 2, 10, 10), torch.randint(0, 3, (6,))
+    result = training_step(model, (x, y), tmp_path / "conv.onnx", max_rank=4, eps=0.9)
+    assert result.max_abs_error <= result.tolerance
+    assert [n for n in result.inputs if n.startswith("basis.")] == [f"basis.{i}.{m}" for i in (0, 3) for m in "chw"] + ["basis.6"]
 
 
 def test_subspace_step_masks_to_the_eps_rank():
@@ -60,15 +98,26 @@ def test_step_matches_eager_and_is_clean(tmp_path, momentum):
     assert plan.peak_bytes > 0
 
 
-def test_trainable_conv_is_refused(tmp_path):
-    model = head_model()
-    model[0].requires_grad_(True)
-    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) is trainable; the training-step export supports trainable Linear layers only"):
-        training_step(model, (torch.randn(4, 1, 16, 16), torch.randint(0, 5, (4,))), tmp_path / "s.onnx")
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        (nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), "supports zero padding given as integers"),
+        (nn.Conv2d(1, 4, 3, padding="same"), "supports zero padding given as integers"),
+        (nn.Conv2d(4, 8, 3, padding=1, groups=2), "supports dense \\(groups=1\\) or depthwise convolutions"),
+        (nn.Conv1d(1, 4, 3, padding=1), "\\(Conv1d\\) is trainable; the training-step export supports trainable Linear and Conv2d"),
+    ],
+)
+def test_unsupported_trainable_layers_are_refused(tmp_path, layer, message):
+    channels = layer.in_channels
+    model = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(5))
+    shape = (4, channels, 16) if isinstance(layer, nn.Conv1d) else (4, channels, 16, 16)
+    model(torch.randn(shape))
+    with pytest.raises(ValueError, match=f"layer '0' .*{message}"):
+        training_step(model, (torch.randn(shape), torch.randint(0, 5, (4,))), tmp_path / "s.onnx")
 
 
 def test_bundle_runner_trains_without_torch_and_matches_eager(tmp_path):
-    model = head_model()
+    model = head_model(train_conv=True)
     x, y = digits((5, 6, 7, 8, 9), size=16)
     bundle = tmp_path / "bundle"
     manifest = export_bundle(model, (x[:32], y[:32]), bundle, data=(x[:320], y[:320]), device="stm32h743", lr=0.2, momentum=0.9)
@@ -83,7 +132,7 @@ def test_bundle_runner_trains_without_torch_and_matches_eager(tmp_path):
     losses = [float(line.split()[-1]) for line in out.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 10 and losses[-1] < losses[0]
     # The same ten steps in eager PyTorch, on the same factorisation.
-    builder = _StepBuilder(model, manifest["max_rank"], manifest["eps"], manifest["momentum"])
+    builder = _StepBuilder(model, manifest["max_rank"], manifest["eps"], manifest["momentum"], x[:32])
     state = builder.initial()
     eager = []
     for step in range(10):
@@ -93,6 +142,8 @@ def test_bundle_runner_trains_without_torch_and_matches_eager(tmp_path):
         eager.append(float(loss))
     assert np.allclose(losses, eager, rtol=1e-4, atol=1e-5)
     final = dict(np.load(bundle / "state.npz"))
-    assert np.allclose(final["5.weight"], state[0].numpy(), atol=1e-4)
-    assert json.loads((bundle / "manifest.json").read_text())["state_inputs"][0] == "5.weight"
+    names = json.loads((bundle / "manifest.json").read_text())["state_inputs"]
+    assert names[:2] == ["0.weight", "0.bias"]  # the conv is trained too
+    for name, eager_value in zip(names, state):
+        assert np.allclose(final[name], eager_value.numpy(), atol=1e-4), name
     assert actcomp.compressed_layers(model) == {}
