@@ -303,12 +303,14 @@ def measure(
     vanilla_per_module, vanilla_peak = None, None
     if vanilla:
         configs = compressed_layers(model)
+        states = {name: modules[name]._actcomp_layer for name in configs}
         restore(model)
         try:
             vanilla_per_module, vanilla_peak, _ = _one_step(model, inputs, targets, loss_fn, device)
         finally:
             for name, config in configs.items():
                 compress(model, [name], config=config)
+                modules[name]._actcomp_layer = states[name]  # keep asi's tracked subspaces and the stats
     rows = []
     names = list(dict.fromkeys([*per_module, *(vanilla_per_module or {})]))
     order = {n: i for i, n in enumerate(modules)}

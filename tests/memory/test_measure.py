@@ -42,6 +42,16 @@ def test_compressed_rows_and_vanilla_figures():
     assert actcomp.compressed_layers(model) == {"0": actcomp.CompressionConfig("hosvd", 0.7)}  # put back
 
 
+def test_vanilla_pass_keeps_asi_subspaces():
+    model = small_model()
+    x = torch.randn(16, 10).cumsum(0)
+    actcomp.compress(model, ["0"], method="asi", eps=0.8)
+    model(x).sum().backward()
+    tracker = model[0]._actcomp_layer.tracker
+    measure(model, x)
+    assert model[0]._actcomp_layer.tracker is tracker and tracker.steps == 2
+
+
 def test_matches_an_independent_count_and_keeps_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.LazyLinear(4))
