@@ -2,7 +2,8 @@
 
     python runner.py [--steps 20] [--lr 0.05] [--data data.npz] [--state state.npz] [--out state.npz]
 
-Reads manifest.json beside it, runs the exported training step (step.onnx) on consecutive
+Reads manifest.json beside it, runs the exported training step (step.onnx) with onnxruntime's
+CUDA provider where the installed build has one (Jetson) and the CPU otherwise, on consecutive
 batches of the data (x, y arrays in an .npz), feeding each step's new weights, buffers and
 subspaces to the next (fresh output arrays: no buffer is written while it is read), prints the
 loss of every step and saves the final state. This file is copied into every bundle.
@@ -18,10 +19,16 @@ import numpy as np
 import onnxruntime as ort
 
 
+def providers() -> list[str]:
+    """CUDA (a Jetson's GPU) when this onnxruntime build has it, else the CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 def train(bundle: Path, steps: int, lr: float | None = None, data: Path | None = None, state: Path | None = None) -> tuple[dict, list[float]]:
     """Run ``steps`` training steps; returns the final state and the losses."""
     manifest = json.loads((bundle / "manifest.json").read_text())
-    session = ort.InferenceSession(str(bundle / manifest["step"]), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(bundle / manifest["step"]), providers=providers())
     current = dict(np.load(state or bundle / "state.npz"))
     arrays = np.load(data or bundle / "data.npz")
     x, y = arrays["x"].astype(manifest["x_dtype"]), arrays["y"].astype(np.int64)
