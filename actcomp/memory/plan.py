@@ -283,8 +283,8 @@ def plan(
     if scope not in ("activations", "step"):
         raise ValueError(f"scope must be 'activations' or 'step', got {scope!r}")
     grid = sorted({CompressionConfig(method, e).eps for e in eps_grid})
-    if method == "none":
-        raise ValueError("plan needs a compression method ('hosvd' or 'svd'), got 'none'")
+    if method not in ("hosvd", "asi", "svd"):
+        raise ValueError(f"plan chooses an eps per layer, so it needs method 'hosvd', 'asi' or 'svd', got {method!r}")
     batches = list(calib_batches)
     if not batches:
         raise ValueError("plan needs at least one calibration batch")

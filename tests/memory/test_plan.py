@@ -110,7 +110,8 @@ def test_device_budget():
         ({"budget": 1, "device": "stm32h743"}, "exactly one of budget= or device="),
         ({"budget": "12 parsecs"}, "budget must be a number of bytes"),
         ({"device": "toaster"}, "unknown device 'toaster'"),
-        ({"budget": "1MiB", "method": "none"}, "needs a compression method"),
+        ({"budget": "1MiB", "method": "none"}, "needs method 'hosvd', 'asi' or 'svd', got 'none'"),
+        ({"budget": "1MiB", "method": "gradient_filter"}, "needs method 'hosvd', 'asi' or 'svd'"),
         ({"budget": "1MiB", "eps_grid": (0.5, 1.5)}, "eps must be a number in"),
         ({"budget": "1MiB", "scope": "everything"}, "scope must be"),
     ],
@@ -126,3 +127,12 @@ def test_bad_arguments(kwargs, message):
 )
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
+
+
+def test_asi_plan_keeps_what_it_predicts_on_the_first_step():
+    torch.manual_seed(0)
+    model = conv_net()
+    batch = data((8, 3, 16, 16), 4)
+    p = plan(model, [batch], budget="60KiB", loss_fn=LOSS, method="asi")
+    applied = p.apply(copy.deepcopy(model))
+    assert measured_saved_bytes(applied, batch) == p.predicted_saved_bytes <= 60 * 1024
