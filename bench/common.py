@@ -63,6 +63,13 @@ def write_section(key: str, text: str) -> None:
     BENCHMARKS.write_text(current)
 
 
+def publish(key: str, text: str, write: bool) -> None:
+    """Print a section and, with ``write``, put it into BENCHMARKS.md."""
+    print(text)
+    if write:
+        write_section(key, text)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

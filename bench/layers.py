@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import actcomp  # noqa: E402
-from common import interleaved_medians, machine, markdown_table, write_section  # noqa: E402
+from common import interleaved_medians, machine, markdown_table, publish  # noqa: E402
 
 # name: (C_in, C_out, kernel, groups, H)
 SHAPES = {
@@ -94,9 +94,7 @@ def main() -> None:
         f"Machine: {machine(device)}. Command: `{command}`. "
         f"Medians of {args.rounds * args.per_round} runs each, plain and compressed alternating.\n\n{table}\n"
     )
-    print(text)
-    if args.write:
-        write_section(f"layers-{device.type}", text)
+    publish(f"layers-{device.type}", text, args.write)
 
 
 if __name__ == "__main__":

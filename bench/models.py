@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import actcomp  # noqa: E402
-from common import interleaved_medians, machine, markdown_table, write_section  # noqa: E402
+from common import interleaved_medians, machine, markdown_table, publish  # noqa: E402
 
 MODELS = {"mobilenet_v2": torchvision.models.mobilenet_v2, "resnet18": torchvision.models.resnet18}
 
@@ -92,9 +92,7 @@ def main() -> None:
         "variants alternating; kept = everything autograd keeps in one step (all modules).\n\n"
         f"{markdown_table(header, rows)}\n"
     )
-    print(text)
-    if args.write:
-        write_section(f"models-{device.type}", text)
+    publish(f"models-{device.type}", text, args.write)
 
 
 if __name__ == "__main__":
