@@ -135,10 +135,15 @@ def _top_eigenvectors(grams: list[Tensor], eps: float) -> list[Tensor]:
         raise NonFiniteActivationError("the activation holds NaN or Inf values")
     out = []
     for g in grams:
-        values, vecs = torch.linalg.eigh(g)
-        k = int(_rank_tensor(values.flip(-1), eps))
-        out.append(vecs.flip(-1)[:, :k])
+        vectors, k = _eigen_desc(g, eps)
+        out.append(vectors[:, :k])
     return out
+
+
+def _eigen_desc(gram: Tensor, eps: float) -> tuple[Tensor, int]:
+    """Eigenvectors of a host Gram matrix, largest eigenvalue first, and the eps rank."""
+    values, vectors = torch.linalg.eigh(gram)
+    return vectors.flip(-1), int(_rank_tensor(values.flip(-1), eps))
 
 
 @torch.no_grad()
@@ -256,12 +261,6 @@ def _to_device(tensors: list[Tensor], like: Tensor) -> list[Tensor]:
     return [part.view(t.shape) for part, t in zip(packed.split([t.numel() for t in tensors]), tensors)]
 
 
-def _host_top_eigenvectors(gram: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    values, vectors = torch.linalg.eigh(gram.to(dtype))
-    k = int(_rank_tensor(values.flip(-1), eps))
-    return vectors.flip(-1)[:, :k]
-
-
 @torch.no_grad()
 def tracked_hosvd(x: Tensor, eps: float, tracker: SubspaceTracker) -> Tucker:
     """Tucker factorisation with warm-started subspaces for the non-batch modes (ASI, adaptive).
@@ -299,7 +298,8 @@ def tracked_hosvd(x: Tensor, eps: float, tracker: SubspaceTracker) -> Tucker:
     fresh_grams = dict(zip(fresh, host[2 : 2 + len(fresh)]))
     tracked_energy = dict(zip(tracked, host[2 + len(fresh) :]))
 
-    factors: dict[int, Tensor] = {0: _mode_factor(xc, 0, *_to_device([_host_top_eigenvectors(batch_gram, eps, xc.dtype)], xc))}
+    batch_vectors, batch_rank = _eigen_desc(batch_gram.to(xc.dtype), eps)
+    factors: dict[int, Tensor] = {0: _mode_factor(xc, 0, *_to_device([batch_vectors[:, :batch_rank]], xc))}
     projected: dict[int, Tensor] = {}
     lost = []
     for n, (u, t, z) in tracked.items():
@@ -318,9 +318,8 @@ def tracked_hosvd(x: Tensor, eps: float, tracker: SubspaceTracker) -> Tucker:
         fresh_grams.update(zip(lost, _to_host([_small_gram(xc, n) for n in lost])))
     for n, gram in fresh_grams.items():
         tracker.recomputed += 1
-        values, vectors = torch.linalg.eigh(gram.to(xc.dtype))
-        k = int(_rank_tensor(values.flip(-1), eps))
-        carried = _mode_factor(xc, n, *_to_device([vectors.flip(-1)[:, : k + tracker.margin]], xc))
+        vectors, k = _eigen_desc(gram.to(xc.dtype), eps)
+        carried = _mode_factor(xc, n, *_to_device([vectors[:, : k + tracker.margin]], xc))
         factors[n] = carried[:, :k]
         tracker.factors[n] = carried
     tracker.steps += 1
