@@ -17,7 +17,7 @@ from torch import nn
 from actcomp.config import CompressionConfig, LayerStats
 from actcomp.hooks.select import LayerSelector, select_layers
 from actcomp.kernels import base_type, kernel_for
-from actcomp.kernels.common import LayerState, record_stats
+from actcomp.kernels.common import LayerState, record_plain_input
 
 _STATE = "_actcomp_layer"
 _SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {}
@@ -30,9 +30,7 @@ def _compressed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return base.forward(self, *args, **kwargs)
     if layer.config.method == "none":
         (x,) = args
-        weight = getattr(self, "weight", None)
-        kept = x.numel() * x.element_size() if weight is not None and weight.requires_grad else 0
-        record_stats(layer, x, (), kept)
+        record_plain_input(layer, x, getattr(self, "weight", None))
         return base.forward(self, x)
     return kernel_for(base)(self, args[0], layer)
 

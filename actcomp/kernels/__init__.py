@@ -31,15 +31,20 @@ def register_kernel(*module_types: type[nn.Module]) -> Callable[[Kernel], Kernel
     return decorate
 
 
+def _unwrapped(module_type: type[nn.Module]) -> type[nn.Module]:
+    """A compressed class's base class; any other class itself."""
+    return getattr(module_type, "_actcomp_base", module_type)
+
+
 def base_type(module: nn.Module) -> type[nn.Module]:
     """The module's own class: for a compressed module, the class it had before compress."""
-    return getattr(type(module), "_actcomp_base", type(module))
+    return _unwrapped(type(module))
 
 
 def kernel_for(module_type: type[nn.Module]) -> Kernel | None:
     """The kernel registered for exactly ``module_type`` (subclasses do not inherit it: they
     may override ``forward``), or None. A compressed module's class maps to its base's kernel."""
-    return _REGISTRY.get(getattr(module_type, "_actcomp_base", module_type))
+    return _REGISTRY.get(_unwrapped(module_type))
 
 
 def supported_types() -> tuple[str, ...]:

@@ -74,6 +74,12 @@ def record_stats(layer: LayerState, x: Tensor, ranks: tuple[int, ...], kept_byte
     )
 
 
+def record_plain_input(layer: LayerState, x: Tensor, weight: Tensor | None) -> None:
+    """Stats of a layer run by plain autograd: it keeps its input when its weight is trained."""
+    kept = x.numel() * x.element_size() if weight is not None and weight.requires_grad else 0
+    record_stats(layer, x, (), kept)
+
+
 def save_for_weight_grad(ctx, layer: LayerState, x: Tensor, weight: Tensor, kept: Callable[[], tuple[Tensor, ...]]) -> None:
     """``ctx.save_for_backward(weight, *kept())`` when the weight is trained; with a frozen
     weight only the weight (dX needs nothing of x) and stats that say nothing was kept.

@@ -24,7 +24,7 @@ from actcomp.kernels.common import (
     autocast_dtype,
     cast,
     compress_activation,
-    record_stats,
+    record_plain_input,
     save_for_weight_grad,
     unpack,
 )
@@ -91,8 +91,7 @@ class CompressedLinear(torch.autograd.Function):
 def linear_kernel(module: nn.Linear, x: Tensor, layer: LayerState) -> Tensor:
     """Run ``module`` on x keeping factors of x for backward (see the module doc for the math)."""
     if layer.config.method == "gradient_filter":  # no spatial patches: the layer stays exact
-        weight = module.weight
-        record_stats(layer, x, (), x.numel() * x.element_size() if weight.requires_grad else 0)
+        record_plain_input(layer, x, module.weight)
         return F.linear(x, module.weight, module.bias)
     dtype = autocast_dtype(x)
     x = cast(x, dtype)
