@@ -234,6 +234,15 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     return count(probe)
 
 
+def loss_of(out: Any, targets: object, loss_fn: Callable | None) -> Tensor:
+    """The training loss of a forward's output: ``loss_fn(out, targets)``, ``loss_fn(out)``
+    without targets, the mean square of the output without a loss_fn (or the output itself
+    when it is not a tensor, e.g. a model that returns its loss)."""
+    if loss_fn is not None:
+        return loss_fn(out, targets) if targets is not None else loss_fn(out)
+    return out.float().pow(2).mean() if isinstance(out, Tensor) else out
+
+
 def _one_step(model: nn.Module, inputs: object, targets: object, loss_fn: Callable | None, device: torch.device):
     """Forward + loss + backward with attribution and peak; gradients are left as they were."""
     saved_grads = {p: p.grad for p in model.parameters()}
@@ -243,9 +252,7 @@ def _one_step(model: nn.Module, inputs: object, targets: object, loss_fn: Callab
         out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
         attribution.stack.append(LOSS_ROW)
         try:
-            if loss_fn is not None:
-                return loss_fn(out, targets) if targets is not None else loss_fn(out)
-            return out.float().pow(2).mean() if isinstance(out, Tensor) else out
+            return loss_of(out, targets, loss_fn)
         finally:
             attribution.stack.pop()
 

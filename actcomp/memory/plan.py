@@ -29,7 +29,7 @@ from actcomp.devices import DeviceProfile, load_device
 from actcomp.hooks.select import LayerSelector, execution_order, select_layers
 from actcomp.hooks.swap import compress, restore, stats
 from actcomp.kernels import base_type
-from actcomp.memory.measure import format_bytes
+from actcomp.memory.measure import format_bytes, loss_of
 from actcomp.memory.saved import count_saved
 from actcomp.text import aligned_table
 
@@ -183,10 +183,7 @@ def _as_args(batch: object) -> tuple[tuple, object]:
 
 def _loss(model: nn.Module, batch: object, loss_fn: Callable | None) -> Tensor:
     args, targets = _as_args(batch)
-    out = model(*args)
-    if loss_fn is None:
-        return out.float().pow(2).mean()
-    return loss_fn(out, targets) if targets is not None else loss_fn(out)
+    return loss_of(model(*args), targets, loss_fn)
 
 
 def _capture(model: nn.Module, names: list[str], batch: object, loss_fn: Callable | None) -> dict[str, tuple[Tensor, Tensor]]:
@@ -208,26 +205,17 @@ def _capture(model: nn.Module, names: list[str], batch: object, loss_fn: Callabl
     return {n: (v[0], v[1]) for n, v in captured.items() if len(v) == 2}
 
 
-def _layer_cost(module: nn.Module, x: Tensor, dy: Tensor, method: str, eps: float) -> tuple[int, Tensor]:
-    """Bytes the real compressed kernel keeps for x, and the weight gradient it computes."""
+def _layer_grad(module: nn.Module, x: Tensor, dy: Tensor, config: CompressionConfig) -> tuple[int, Tensor]:
+    """Run a copy of one layer as ``config`` says (method 'none': plain autograd) on x; the bytes
+    it keeps for backward and the weight gradient it computes for the output gradient dy."""
     layer = copy.deepcopy(module)
     restore(layer)
     layer.requires_grad_(False)
     layer.weight.requires_grad_(True)
-    compress(layer, [""], method=method, eps=eps)
+    compress(layer, [""], config=config)
     layer.train()
-    y = layer(x)
-    (grad,) = torch.autograd.grad(y, layer.weight, dy)
-    return stats(layer)[""].kept_bytes, grad
-
-
-def _exact_grad(module: nn.Module, x: Tensor, dy: Tensor) -> Tensor:
-    layer = copy.deepcopy(module)
-    restore(layer)
-    layer.requires_grad_(False)
-    layer.weight.requires_grad_(True)
     (grad,) = torch.autograd.grad(layer(x), layer.weight, dy)
-    return grad
+    return stats(layer)[""].kept_bytes, grad
 
 
 def _pareto(items: list[list[tuple[int, float, Any]]], capacity: int) -> tuple[float, int, tuple] | None:
@@ -311,10 +299,10 @@ def plan(
         captured = _capture(work, names, batch, loss_fn)
         for n in names:
             x, dy = captured[n]
-            exact = _exact_grad(modules[n], x, dy)
+            _, exact = _layer_grad(modules[n], x, dy, CompressionConfig("none"))
             scale = exact.norm().item() or 1.0
             for e in grid:
-                nbytes, grad = _layer_cost(modules[n], x, dy, method, e)
+                nbytes, grad = _layer_grad(modules[n], x, dy, CompressionConfig(method, e))
                 kept[n][e] = max(kept[n][e], nbytes)
                 error[n][e] += (grad - exact).norm().item() / scale / len(batches)
 
