@@ -7,10 +7,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from actcomp.export.verify import check_against_eager, strip_metadata
 from actcomp.hooks.swap import restore
 
 
@@ -42,9 +42,6 @@ def onnx_inference(
     ``model(example)`` exceeds ``tolerance`` (relative to the output's scale when larger than
     1), ValueError is raised and the file is removed.
     """
-    import onnx
-    import onnxruntime as ort
-
     args = example if isinstance(example, tuple) else (example,)
     plain = restore(copy.deepcopy(model)).eval()
     path = Path(path)
@@ -55,19 +52,7 @@ def onnx_inference(
         # deprecated in favour of the torch.export-based one, which needs onnxscript.
         warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
         torch.onnx.export(plain, args, str(path), opset_version=opset, dynamo=False, do_constant_folding=True)
-    graph = onnx.load(str(path))
-    graph.producer_name = graph.producer_version = graph.doc_string = ""
-    for node in graph.graph.node:
-        node.doc_string = ""
-    onnx.checker.check_model(graph)
-    onnx.save(graph, str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-    outputs = session.run(None, feeds)
+    strip_metadata(path)
     expected_list = [expected] if isinstance(expected, Tensor) else list(expected)
-    error = max(float(np.abs(o - e.detach().cpu().numpy()).max()) for o, e in zip(outputs, expected_list))
-    scale = max(1.0, max(float(e.abs().max()) for e in expected_list))
-    if error > tolerance * scale:
-        path.unlink()
-        raise ValueError(f"onnxruntime differs from eager PyTorch by {error:.3g} (tolerance {tolerance * scale:.3g}); not exported")
-    return InferenceExport(str(path), path.stat().st_size, opset, error, tolerance * scale)
+    error, bound = check_against_eager(path, args, expected_list, tolerance, "eager PyTorch")
+    return InferenceExport(str(path), path.stat().st_size, opset, error, bound)

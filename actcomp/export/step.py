@@ -36,6 +36,8 @@ import torch
 import torch._decomp
 from torch import Tensor, nn
 
+from actcomp.export.verify import check_against_eager, strip_metadata
+from actcomp.factors import _mode_product
 from actcomp.hooks.swap import restore
 from actcomp.kernels import base_type
 
@@ -131,11 +133,6 @@ def _trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _mode_rows(x: Tensor, mode: int) -> Tensor:
     """The transposed mode-n unfolding X_(n)^T (rest x I_n): its rows are the mode's fibres."""
     return x.movedim(mode, -1).reshape(-1, x.shape[mode])
-
-
-def _mode_product(x: Tensor, matrix: Tensor, mode: int) -> Tensor:
-    """x x_mode matrix, for matrix (J, I_mode)."""
-    return torch.tensordot(matrix, x, dims=([1], [mode])).movedim(0, mode)
 
 
 @dataclass(frozen=True)
@@ -366,21 +363,6 @@ _BACKWARD_DECOMPOSITIONS = {
 }
 
 
-def _strip_metadata(path: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    model.producer_name = model.producer_version = model.doc_string = ""
-    del model.metadata_props[:]
-    for node in model.graph.node:
-        node.doc_string = ""
-        del node.metadata_props[:]
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        value.doc_string = ""
-        del value.metadata_props[:]
-    onnx.save(model, str(path))
-
-
 def training_step(
     model: nn.Module,
     example_batch: tuple[Tensor, Tensor],
@@ -401,7 +383,6 @@ def training_step(
     from a fixed, seeded orthonormal matrix) and every output must match the same step run
     eagerly within ``tolerance`` (absolute, relative above scale 1), else ValueError.
     """
-    import onnxruntime as ort
     from torch.fx.experimental.proxy_tensor import make_fx
 
     if opset < 17:
@@ -421,17 +402,10 @@ def training_step(
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.onnx.export(traced, args, str(path), dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs, verbose=False)
-    _strip_metadata(path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
-    results = session.run(None, feeds)
-    error = max(float(np.abs(r - e.numpy()).max()) for r, e in zip(results, expected))
-    scale = max(1.0, max(float(e.abs().max()) for e in expected))
-    if error > tolerance * scale:
-        path.unlink()
-        raise ValueError(f"onnxruntime differs from the eager step by {error:.3g} (tolerance {tolerance * scale:.3g}); not exported")
+    strip_metadata(path)
+    error, bound = check_against_eager(path, args, expected, tolerance, "the eager step")
     state = {name: a.numpy() for name, a in zip(inputs, args[: len(inputs) - 3])}
     return StepExport(
         path=str(path), size_bytes=path.stat().st_size, inputs=inputs, outputs=outputs, initial_state=state,
-        max_abs_error=error, tolerance=tolerance * scale, eps=eps, max_rank=max_rank, momentum=momentum,
+        max_abs_error=error, tolerance=bound, eps=eps, max_rank=max_rank, momentum=momentum,
     )
