@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from actcomp.kernels import LayerFamily, Registration, base_type
 from actcomp.methods import Compressor, InputLayout
+from actcomp.saved_hooks import mark_kept
 from actcomp.state import BackwardRecord
 
 
@@ -66,6 +67,7 @@ class CompressedOp(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         x, weight, bias, call = inputs
         ctx.call, ctx.input_shape, ctx.has_bias = call, x.shape, bias is not None
+        mark_kept("weight", weight)
         if not weight.requires_grad:
             call.state.record(x, (), 0)
             ctx.save_for_backward(weight)
@@ -77,6 +79,7 @@ class CompressedOp(torch.autograd.Function):
                 f"factors, for which the {call.family.name} kernel has no weight gradient"
             )
         ctx.kind, ctx.meta = type(factors), factors.meta()
+        mark_kept("factors", *factors.tensors())
         ctx.save_for_backward(weight, *factors.tensors())
 
     @staticmethod

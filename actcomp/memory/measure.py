@@ -21,8 +21,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from actcomp.hooks.swap import compressed_layers, suspended
+from actcomp.hooks.swap import compressed_layers, layer_state, suspended
+from actcomp.policies import NeighbourState
 from actcomp.kernels import base_type
+from actcomp.saved_hooks import kept_policy, kept_tensors, observing
 from actcomp.text import aligned_table
 
 LOSS_ROW = "(loss)"
@@ -35,9 +37,10 @@ class ModuleMemory:
 
     name: str
     layer_type: str
-    kind: str  # "compressed", "plain" or "other" (no module: loss, functional code)
+    kind: str  # "compressed", "neighbour" (a policy module), "plain" or "other" (loss, functional code)
     saved_bytes: int
     vanilla_saved_bytes: int | None = None
+    policy: str = ""  # how what it kept was kept: factors, bits, indices, nothing, packed, plain (joined with +)
 
     @property
     def ratio(self) -> float | None:
@@ -88,15 +91,15 @@ class MemoryReport:
     def table(self) -> str:
         """The per-module rows and the totals as aligned text."""
         have_vanilla = self.vanilla_saved_bytes is not None
-        header = ["module", "type", "kind", "saved"] + (["plain", "ratio"] if have_vanilla else [])
+        header = ["module", "type", "kind", "policy", "saved"] + (["plain", "ratio"] if have_vanilla else [])
         lines = []
         for row in self.rows:
-            line = [row.name, row.layer_type, row.kind, format_bytes(row.saved_bytes)]
+            line = [row.name, row.layer_type, row.kind, row.policy, format_bytes(row.saved_bytes)]
             if have_vanilla:
                 plain = row.vanilla_saved_bytes
                 line += [format_bytes(plain) if plain is not None else "-", f"{row.ratio:.3f}" if row.ratio is not None else "-"]
             lines.append(line)
-        total = ["total", "", "", format_bytes(self.saved_bytes)]
+        total = ["total", "", "", "", format_bytes(self.saved_bytes)]
         if have_vanilla:
             total += [format_bytes(self.vanilla_saved_bytes), f"{self.saved_bytes / self.vanilla_saved_bytes:.3f}" if self.vanilla_saved_bytes else "-"]
         text = [aligned_table(header, lines, footer=total)]
@@ -139,15 +142,19 @@ class _Attribution:
         self.seen: set[tuple[str, int]] = set()
         self.params = {_storage_key(p) for p in model.parameters()}
         self.per_module: dict[str, int] = {}
+        self.policies: dict[str, dict[str, int]] = {}  # row -> policy -> bytes
 
-    def pack(self, tensor: Tensor) -> Tensor:
-        key = _storage_key(tensor)
-        nbytes = tensor.untyped_storage().nbytes()
-        if key not in self.params and key not in self.seen and nbytes > 0:
-            self.seen.add(key)
-            name = self.stack[-1] if self.stack else OUTSIDE_ROW
-            self.per_module[name] = self.per_module.get(name, 0) + nbytes
-        return tensor
+    def observe(self, tensor: Tensor, kept: Any) -> None:
+        name = self.stack[-1] if self.stack else OUTSIDE_ROW
+        for t in kept_tensors(kept):
+            key = _storage_key(t)
+            nbytes = t.untyped_storage().nbytes()
+            if key not in self.params and key not in self.seen and nbytes > 0:
+                self.seen.add(key)
+                self.per_module[name] = self.per_module.get(name, 0) + nbytes
+                self.policies.setdefault(name, {})
+                policy = kept_policy(tensor, kept)
+                self.policies[name][policy] = self.policies[name].get(policy, 0) + nbytes
 
     def run(self, fn: Callable[[], Tensor]) -> Tensor:
         def push(module: nn.Module, *_: object) -> None:
@@ -161,7 +168,7 @@ class _Attribution:
             handles.append(module.register_forward_pre_hook(push))
             handles.append(module.register_forward_hook(pop, always_call=True))
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+            with observing(self.observe):
                 return fn()
         finally:
             for h in handles:
@@ -281,7 +288,22 @@ def _one_step(model: nn.Module, inputs: object, targets: object, loss_fn: Callab
         source = "cpu profiler allocation events" if peak is not None else "unavailable on cpu (only saved bytes)"
     for p, grad in saved_grads.items():
         p.grad = grad
-    return attribution.per_module, peak, source
+    return attribution.per_module, attribution.policies, peak, source
+
+
+def _ran(module: nn.Module) -> bool:
+    state = layer_state(module)
+    return state is not None and state.last is not None
+
+
+def _policy(by_policy: dict[str, int], module: nn.Module | None) -> str:
+    """The policies a row's bytes were kept under, largest first; a neighbour module that
+    kept nothing says ``nothing``."""
+    if by_policy:
+        names = [p for p, _ in sorted(by_policy.items(), key=lambda t: -t[1])]
+        return "+".join("factors" if p == "weight" else p for p in dict.fromkeys(names))
+    state = layer_state(module) if module is not None else None
+    return state.last.method if isinstance(state, NeighbourState) and state.last is not None else ""
 
 
 def measure(
@@ -305,14 +327,15 @@ def measure(
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     kinds = {name: "compressed" for name in compressed_layers(model)}
+    kinds.update({name: "neighbour" for name, m in model.named_modules() if isinstance(layer_state(m), NeighbourState)})
     modules = dict(model.named_modules())
-    per_module, peak, source = _one_step(model, inputs, targets, loss_fn, device)
+    per_module, policies, peak, source = _one_step(model, inputs, targets, loss_fn, device)
     vanilla_per_module, vanilla_peak = None, None
     if vanilla:
         with suspended(model):  # plain autograd; settings, stats and asi's subspaces stay as they are
-            vanilla_per_module, vanilla_peak, _ = _one_step(model, inputs, targets, loss_fn, device)
+            vanilla_per_module, _, vanilla_peak, _ = _one_step(model, inputs, targets, loss_fn, device)
     rows = []
-    names = list(dict.fromkeys([*per_module, *(vanilla_per_module or {})]))
+    names = list(dict.fromkeys([*per_module, *(vanilla_per_module or {}), *(n for n, k in kinds.items() if k == "neighbour" and _ran(modules[n]))]))
     order = {n: i for i, n in enumerate(modules)}
     for name in sorted(names, key=lambda n: order.get(n, len(order))):
         module = modules.get(name)
@@ -323,6 +346,7 @@ def measure(
                 kind=kinds.get(name, "plain" if module is not None else "other"),
                 saved_bytes=per_module.get(name, 0),
                 vanilla_saved_bytes=vanilla_per_module.get(name, 0) if vanilla_per_module is not None else None,
+                policy=_policy(policies.get(name, {}), module),
             )
         )
     notes = []

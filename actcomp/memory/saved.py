@@ -9,8 +9,12 @@ model's parameters are reported apart, since they are held whether or not autogr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+from actcomp.saved_hooks import kept_tensors, observing
 
 
 @dataclass
@@ -22,14 +26,14 @@ class SavedTensors:
     parameter_storages: dict[tuple[str, int], int] = field(default_factory=dict)
     shapes: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
 
-    def _pack(self, tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        key = (str(tensor.device), storage.data_ptr())
-        target = self.parameter_storages if key in self.parameter_keys else self.storages
-        if storage.nbytes() > 0:
-            target[key] = storage.nbytes()
-        self.shapes.append((tuple(tensor.shape), tensor.dtype))
-        return tensor
+    def _observe(self, tensor: Tensor, kept: Any) -> None:
+        for t in kept_tensors(kept):
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            target = self.parameter_storages if key in self.parameter_keys else self.storages
+            if storage.nbytes() > 0:
+                target[key] = storage.nbytes()
+            self.shapes.append((tuple(t.shape), t.dtype))
 
     @property
     def saved_bytes(self) -> int:
@@ -48,6 +52,7 @@ class count_saved:
     Afterwards ``saved.saved_bytes`` holds the bytes autograd keeps for backward, counted once
     per storage, excluding the storages of ``model``'s parameters (``saved.parameter_bytes``).
     Tensors are passed through unchanged: the forward computes what it computes without it.
+    Where actcomp's generic packer replaces a saved tensor, what it keeps instead is counted.
     """
 
     def __init__(self, model: nn.Module | None = None) -> None:
@@ -56,7 +61,7 @@ class count_saved:
             self.result.parameter_keys = {
                 (str(p.device), p.untyped_storage().data_ptr()) for p in model.parameters()
             }
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.result._pack, lambda t: t)
+        self._hooks = observing(self.result._observe)
 
     def __enter__(self) -> SavedTensors:
         self._hooks.__enter__()
