@@ -15,6 +15,7 @@ from actcomp.factors import LowRank, Tucker
 from actcomp.hooks import compress, compressed_layers, layer_state, restore, stats, suspended
 from actcomp.kernels import LayerFamily, register_kernel, register_layer, supported_types
 from actcomp.methods import Compressor, InputLayout, method_names, register_method
+from actcomp.policies import Neighbours, NeighbourState
 from actcomp.state import LayerState
 from actcomp.devices import DeviceProfile, list_devices, load_device
 from actcomp.memory import MemoryReport, SavedTensors, count_saved, measure
@@ -28,6 +29,8 @@ __all__ = [
     "InputLayout",
     "LayerFamily",
     "LayerState",
+    "Neighbours",
+    "NeighbourState",
     "layer_state",
     "method_names",
     "register_layer",

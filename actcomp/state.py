@@ -44,6 +44,8 @@ class LayerState:
 
     ``active`` is False inside :func:`actcomp.suspended` (the layer then runs plain autograd
     and its state is left as it is). ``runs`` counts the training forwards the kernel ran.
+    ``shared``: the last forward reused factors another layer had made of the same input (its
+    stats then say 0 bytes kept: the factors are counted once, by the first layer).
     ``observers`` are called in the layer's backward with a :class:`BackwardRecord` (the
     factors and the output gradient), e.g. by optimizers that build curvature statistics from
     the factors instead of the input; they must not keep the record beyond the call.
@@ -56,6 +58,7 @@ class LayerState:
     method_state: Any = None
     active: bool = True
     runs: int = 0
+    shared: bool = False
     observers: list[Callable[["BackwardRecord"], None]] = field(default_factory=list, repr=False, compare=False)
     compressor: Compressor = field(init=False, repr=False)
 
@@ -88,6 +91,13 @@ class LayerState:
         """The method's factors of x, with the stats recorded; NaN/Inf in x raise
         FloatingPointError naming the layer (a non-finite activation has no subspace, and a
         silent fallback would hide a diverged run and break the planned memory)."""
+        key = (x._version, type(self.compressor), self.config, layout)
+        cached = x.__dict__.get("_actcomp_factors")
+        if cached is not None and cached[0] == key:
+            factors = cached[1]
+            self.record(x, self.compressor.ranks(factors), 0)  # kept once, by the first layer
+            self.shared = True
+            return factors
         try:
             factors = self.compressor.compress(x, layout, self.method_state)
         except NonFiniteActivationError:
@@ -97,15 +107,22 @@ class LayerState:
                 "method='none' for this layer"
             ) from None
         self.record(x, self.compressor.ranks(factors), factors.nbytes)
+        self.shared = False
+        if x.grad_fn is not None and self.method_state is None:
+            # An activation of this step given to several layers (a residual block's conv and
+            # its downsample, attention's q/k/v projections) is factored once; stateful methods
+            # (asi) and leaf inputs (reused across steps) are never cached.
+            x._actcomp_factors = (key, factors)  # type: ignore[attr-defined]
         return factors
 
-    def record(self, x: Tensor, ranks: tuple[int, ...], kept_bytes: int) -> None:
-        """Stats of this training forward: the input's shape and bytes, ranks, bytes kept."""
+    def record(self, x: Tensor, ranks: tuple[int, ...], kept_bytes: int, method: str | None = None) -> None:
+        """Stats of this training forward: the input's shape and bytes, ranks, bytes kept
+        (``method``: what to report as the method, by default the configured one)."""
         self.runs += 1
         self.last = LayerStats(
             name=self.name,
             layer_type=self.layer_type,
-            method=self.config.method,
+            method=method or self.config.method,
             eps=self.config.eps,
             input_shape=tuple(x.shape),
             ranks=tuple(ranks),

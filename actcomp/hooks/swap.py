@@ -17,8 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from actcomp.config import CompressionConfig, LayerStats
-from actcomp.hooks.select import LayerSelector, select_layers
+from actcomp.hooks.select import LayerSelector, execution_order, select_layers
 from actcomp.kernels import base_type, kernel_for
+from actcomp.policies import Neighbours, NeighbourState, factor_config, neighbour_handler
+from actcomp.policies.generic import attach_generic, detach_generic, generic_packer
+from actcomp.policies.smooth import SMOOTH
 from actcomp.state import LayerState
 
 _STATE = "_actcomp_layer"
@@ -40,13 +43,14 @@ def suspended(model: nn.Module) -> Iterator[nn.Module]:
     subspaces) are as they were when the block ends. ``with actcomp.suspended(model): ...``
     """
     states = [s for s in (layer_state(m) for m in model.modules()) if s is not None]
-    previous = [s.active for s in states]
-    for s in states:
+    packers = [p for p in (generic_packer(m) for m in model.modules()) if p is not None]
+    previous = [s.active for s in states] + [p.active for p in packers]
+    for s in [*states, *packers]:
         s.active = False
     try:
         yield model
     finally:
-        for s, active in zip(states, previous):
+        for s, active in zip([*states, *packers], previous):
             s.active = active
 
 
@@ -76,9 +80,21 @@ def _input_of(self: nn.Module, base: type[nn.Module], state: LayerState, args: t
     return x
 
 
+def _neighbour_forward(self: nn.Module, base: type[nn.Module], state: NeighbourState, args: tuple, kwargs: dict) -> Any:
+    """A neighbour module runs its policy's Function in a step that records gradients; any
+    other call (no grad, an unusual signature, nothing to keep) runs its plain forward."""
+    if state.active and torch.is_grad_enabled() and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+        y = neighbour_handler(base)(self, args[0], state)
+        if y is not None:
+            return y
+    return base.forward(self, *args, **kwargs)
+
+
 def _compressed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: LayerState = self.__dict__[_STATE]
     base = type(self)._actcomp_base
+    if isinstance(state, NeighbourState):
+        return _neighbour_forward(self, base, state, args, kwargs)
     if not (state.active and self.training and torch.is_grad_enabled()):
         return base.forward(self, *args, **kwargs)
     x = _input_of(self, base, state, args, kwargs)
@@ -91,7 +107,12 @@ def _compressed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def _extra_repr(self: nn.Module) -> str:
     state: LayerState = self.__dict__[_STATE]
-    return f"{type(self)._actcomp_base.extra_repr(self)}, actcomp={state.config.method}({state.compressor.setting()})"
+    own = type(self)._actcomp_base.extra_repr(self)
+    if isinstance(state, NeighbourState):
+        setting = f"actcomp=neighbour({state.compressor.setting()})" if state.approximate else "actcomp=neighbour(exact)"
+    else:
+        setting = f"actcomp={state.config.method}({state.compressor.setting()})"
+    return f"{own}, {setting}" if own else setting
 
 
 def _new_compressed(base: type[nn.Module]) -> nn.Module:
@@ -131,8 +152,10 @@ def compress(
     *,
     config: CompressionConfig | None = None,
     sample: object = None,
+    neighbours: Neighbours | str | None = "auto",
 ) -> nn.Module:
-    """Make the selected layers keep low-rank factors of their inputs for backward; in place.
+    """Make the selected layers keep low-rank factors of their inputs for backward, and their
+    neighbours keep as little as their backward needs; in place.
 
     Each selected layer, in training mode with gradients enabled, stores a factorisation of its
     input X (Tucker for ``method='hosvd'``: X ~ S x_1 U_1 ... with each mode's rank the smallest
@@ -140,8 +163,12 @@ def compress(
     from the factors and dX = dY W exactly from the weight. ``layers`` is ``"all"``,
     ``"last:N"`` (execution order when ``sample`` is given, else module order), ``"re:<pattern>"``,
     a list of qualified names or a callable ``(name, module) -> bool``. Defaults: hosvd,
-    eps=0.8. Calling it again updates the settings of layers already compressed (asi keeps its
-    tracked subspaces when the method stays asi). Returns ``model``, whose parameters,
+    eps=0.8. ``neighbours`` (default ``"auto"``, i.e. :class:`Neighbours()`): ReLU-family
+    activations and dropout keep bit masks, max pooling small indices, average pooling and
+    frozen eval-mode BatchNorm nothing (all exact); after the first compressed layer a
+    training BatchNorm keeps factors of its normalised input (see :mod:`actcomp.policies`);
+    ``None`` leaves the neighbours alone. Calling it again updates the settings (asi keeps its
+    tracked subspaces while the method stays asi). Returns ``model``, whose parameters,
     state_dict keys and isinstance checks are unchanged.
     """
     if config is None:
@@ -150,17 +177,83 @@ def compress(
         raise ValueError("give either config= or method=/eps=, not both")
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress needs a torch.nn.Module, got {type(model).__name__}")
+    policy = _neighbour_settings(neighbours)
     modules = dict(model.named_modules())
     for name in select_layers(model, layers, sample):
         module = modules[name]
         state = layer_state(module)
-        if state is not None:
+        if isinstance(state, LayerState) and not isinstance(state, NeighbourState):
             state.configure(config)
             continue
         base = base_type(module)
         module.__class__ = compressed_class(base)
         module.__dict__[_STATE] = LayerState(name=name, layer_type=base.__name__, config=config)
+    _attach_neighbours(model, policy, config, sample)
     return model
+
+
+def _neighbour_settings(neighbours: Neighbours | str | None) -> Neighbours | None:
+    if neighbours is None or neighbours == "off":
+        return None
+    if neighbours == "auto":
+        return Neighbours()
+    if isinstance(neighbours, Neighbours):
+        return neighbours
+    raise ValueError(f"neighbours must be 'auto', 'off', None or an actcomp.Neighbours, got {neighbours!r}")
+
+
+def _attach_neighbours(model: nn.Module, policy: Neighbours | None, config: CompressionConfig, sample: object) -> None:
+    """Swap every module with a neighbour policy (or put them back with ``policy=None``);
+    approximate policies only for modules after the first compressed layer."""
+    detach_generic(model)
+    if policy is None:
+        for module in model.modules():
+            if isinstance(layer_state(module), NeighbourState):
+                _unswap(module)
+        return
+    order = execution_order(model, sample) if sample is not None else [n for n, _ in model.named_modules()]
+    position = {n: i for i, n in enumerate(order)}
+    compressed = [position[n] for n in compressed_layers(model) if n in position]
+    first = min(compressed) if compressed else len(order)
+    for name, module in model.named_modules():
+        base = base_type(module)
+        state = layer_state(module)
+        if neighbour_handler(base) is None or (state is not None and not isinstance(state, NeighbourState)):
+            continue
+        if base in SMOOTH and policy.activations == "exact":
+            if state is not None:
+                _unswap(module)
+            continue
+        attach_neighbour(module, name, factor_config(config, policy), policy, position.get(name, -1) > first)
+    if policy.generic:
+        attach_generic(model, factor_config(config, policy).eps, policy.threshold)
+
+
+def attach_neighbour(module: nn.Module, name: str, config: CompressionConfig, policy: Neighbours, approximate: bool) -> NeighbourState:
+    """Give one neighbour module (a type with a policy) its state, or update it: ``config``
+    is the method and eps of its factors, ``approximate`` whether approximate policies apply."""
+    state = layer_state(module)
+    if isinstance(state, NeighbourState):
+        state.configure(config)
+        state.neighbours, state.approximate = policy, approximate
+        return state
+    base = base_type(module)
+    if neighbour_handler(base) is None:
+        raise ValueError(f"layer '{name}' ({base.__name__}) has no neighbour policy")
+    module.__class__ = compressed_class(base)
+    state = NeighbourState(name=name, layer_type=base.__name__, config=config, neighbours=policy, approximate=approximate)
+    module.__dict__[_STATE] = state
+    return state
+
+
+def neighbour_states(model: nn.Module) -> dict[str, NeighbourState]:
+    """The neighbour modules of ``model`` (those with a policy) by qualified name."""
+    return {name: s for name, m in model.named_modules() if isinstance(s := layer_state(m), NeighbourState)}
+
+
+def _unswap(module: nn.Module) -> None:
+    module.__class__ = type(module)._actcomp_base
+    del module.__dict__[_STATE]
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -171,14 +264,19 @@ def restore(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if layer_state(module) is not None:
-            module.__class__ = type(module)._actcomp_base
-            del module.__dict__[_STATE]
+            _unswap(module)
+    detach_generic(model)
     return model
 
 
 def compressed_layers(model: nn.Module) -> dict[str, CompressionConfig]:
-    """The compressed layers of ``model`` by qualified name, with their settings."""
-    return {name: s.config for name, m in model.named_modules() if (s := layer_state(m)) is not None}
+    """The compressed layers of ``model`` by qualified name, with their settings (neighbour
+    modules, which keep masks, indices or nothing, are not layers and are not listed)."""
+    return {name: s.config for name, m in model.named_modules() if _is_layer(s := layer_state(m))}
+
+
+def _is_layer(state: LayerState | None) -> bool:
+    return state is not None and not isinstance(state, NeighbourState)
 
 
 def stats(model: nn.Module) -> dict[str, LayerStats]:
@@ -187,6 +285,6 @@ def stats(model: nn.Module) -> dict[str, LayerStats]:
     out = {}
     for name, module in model.named_modules():
         state = layer_state(module)
-        if state is not None and state.last is not None:
+        if _is_layer(state) and state.last is not None:
             out[name] = state.last
     return out

@@ -50,8 +50,9 @@ def test_plain_conv_keeps_its_input():
 
 
 def test_model_counts_what_other_layers_keep_too():
-    """ReLU keeps its output, which is the compressed conv's input: compression of the conv
-    alone does not free it. The count must show that."""
+    """ReLU keeps its output, which is the compressed conv's input: compressing the conv
+    alone (neighbours=None) does not free it, and the count must show that; with the
+    neighbours handled (the default) the ReLU keeps a 1-bit mask instead."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     x = torch.randn(4, 3, 10, 10)
     with actcomp.count_saved(model) as plain:
@@ -59,10 +60,14 @@ def test_model_counts_what_other_layers_keep_too():
     x_bytes, relu_out = 4 * 3 * 10 * 10 * 4, 4 * 8 * 10 * 10 * 4
     # conv0 keeps x for dW; ReLU keeps its output, which conv2 keeps too (one storage).
     assert plain.saved_bytes == x_bytes + relu_out
-    actcomp.compress(model, layers=["2"], eps=0.5)
+    actcomp.compress(model, layers=["2"], eps=0.5, neighbours=None)
     with actcomp.count_saved(model) as compressed:
         model(x)
     assert compressed.saved_bytes == x_bytes + relu_out + actcomp.stats(model)["2"].kept_bytes
+    actcomp.compress(model, layers=["2"], eps=0.5)
+    with actcomp.count_saved(model) as handled:
+        model(x)
+    assert handled.saved_bytes == x_bytes + relu_out // 32 + actcomp.stats(model)["2"].kept_bytes
 
 
 def test_views_of_one_storage_count_once():

@@ -1,0 +1,116 @@
+"""The generic packer (opt-in): every other large saved float tensor kept as Tucker factors.
+
+Inside the model's forward (entered by a forward pre-hook on the root module, left by its
+forward hook), each tensor autograd saves goes through :func:`actcomp.saved_hooks.packing`:
+tensors actcomp's own kernels saved (factors, masks, indices, weights), the model's parameters
+and buffers, non-float tensors, tensors of fewer than 2 modes and tensors under ``threshold``
+bytes are kept as they are; any other is replaced by its HOSVD factors at eps when they are
+smaller (policy ``packed``). Backward rebuilds the tensor from the factors (transiently: one
+full-size tensor at a time) and hands it to the op's own backward, so every op is covered
+(attention products, softmax, LayerNorm, functional calls in ``forward``) at the price of
+approximating what that op keeps; eps = 1 is exact up to round-off. The same tensor saved by
+several ops is packed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from actcomp.decompose import NonFiniteActivationError, hosvd
+from actcomp.factors import Tucker
+from actcomp.saved_hooks import mark_kept, packing
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """A saved tensor kept as Tucker factors; :meth:`unpack` rebuilds it."""
+
+    factors: Tucker
+    dtype: torch.dtype
+    policy: str = "packed"
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.factors.tensors()
+
+    def unpack(self) -> Tensor:
+        return self.factors.reconstruct().to(self.dtype)
+
+
+class GenericPacker:
+    """The pack function of the generic policy for one model (see the module doc)."""
+
+    def __init__(self, eps: float, threshold: int) -> None:
+        self.eps, self.threshold = eps, threshold
+        self.active = True  # False inside actcomp.suspended
+        self.buffers: set[int] = set()  # data pointers of the model's buffers, set per forward
+
+    def __call__(self, t: Tensor) -> PackedTensor | None:
+        if getattr(t, "_actcomp_policy", None) is not None or isinstance(t, nn.Parameter):
+            return None
+        if not t.is_floating_point() or t.ndim < 2 or t.numel() * t.element_size() < self.threshold:
+            return None
+        cached = t.__dict__.get("_actcomp_packed")
+        if cached is not None and cached[0] == (t._version, self.eps):
+            return cached[1]
+        if t.untyped_storage().data_ptr() in self.buffers:
+            return None
+        try:
+            factors = hosvd(t, self.eps)
+        except NonFiniteActivationError:
+            return None  # NaN/Inf: keep it; the compressed layers report a diverged run by name
+        if factors.nbytes >= t.numel() * t.element_size():
+            return None
+        mark_kept("packed", *factors.tensors())
+        packed = PackedTensor(factors, t.dtype)
+        t._actcomp_packed = ((t._version, self.eps), packed)  # type: ignore[attr-defined]
+        return packed
+
+
+class _Session:
+    """Forward pre-hook and forward hook entering and leaving the packing context."""
+
+    def __init__(self, packer: GenericPacker) -> None:
+        self.packer = packer
+        self.contexts: list = []
+
+    def enter(self, module: nn.Module, args: object) -> None:
+        engaged = self.packer.active and module.training and torch.is_grad_enabled()
+        context = packing(self.packer) if engaged else None
+        if context is not None:
+            self.packer.buffers = {b.untyped_storage().data_ptr() for b in module.buffers()}
+            context.__enter__()
+        self.contexts.append(context)
+
+    def leave(self, module: nn.Module, args: object, output: object) -> None:
+        context = self.contexts.pop() if self.contexts else None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+
+def attach_generic(model: nn.Module, eps: float, threshold: int) -> None:
+    """Pack large saved tensors of ``model``'s training forwards (replacing earlier settings)."""
+    detach_generic(model)
+    session = _Session(GenericPacker(eps, threshold))
+    model.register_forward_pre_hook(session.enter)
+    model.register_forward_hook(session.leave, always_call=True)
+
+
+def _sessions(hooks: dict) -> list:
+    return [key for key, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _Session)]
+
+
+def detach_generic(model: nn.Module) -> None:
+    """Remove the generic packer from ``model`` (no-op when absent). The hooks are found by
+    their owner, not by handles, so that copies and unpickled models detach their own."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in _sessions(hooks):
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+
+
+def generic_packer(model: nn.Module) -> GenericPacker | None:
+    """The generic packer attached to ``model``, or None."""
+    keys = _sessions(model._forward_pre_hooks)
+    return model._forward_pre_hooks[keys[0]].__self__.packer if keys else None

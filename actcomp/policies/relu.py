@@ -1,0 +1,68 @@
+"""ReLU, ReLU6, LeakyReLU, Hardtanh keeping a 1-bit mask instead of a float tensor. Exact.
+
+Their backward needs only where the input lay on the identity piece: ReLU dX = dY [x > 0]
+(autograd's threshold_backward on the output, the same set), Hardtanh/ReLU6
+dX = dY [lo < x < hi] (strict, as hardtanh_backward), LeakyReLU dX = dY [x > 0] + s dY [x <= 0].
+The mask is packed 8 per byte: 1/32 of a float32 tensor. In-place variants stay in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from actcomp.policies import NeighbourState, register_neighbour
+from actcomp.policies.bits import pack_mask, unpack_mask
+from actcomp.saved_hooks import mark_kept
+
+
+class MaskedActivation(torch.autograd.Function):
+    """A piecewise-linear activation whose backward needs only a packed mask of the input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kind: str, lo: float, hi: float, slope: float, inplace: bool) -> Tensor:  # type: ignore[override]
+        if kind == "hardtanh":
+            mask = (x > lo) & (x < hi)
+            y = F.hardtanh(x, lo, hi, inplace)
+        else:
+            mask = x > 0
+            y = F.leaky_relu(x, slope, inplace) if kind == "leaky" else F.relu(x, inplace)
+        packed = pack_mask(mask)
+        mark_kept("bits", packed)
+        ctx.save_for_backward(packed)
+        ctx.shape, ctx.slope, ctx.kind = x.shape, slope, kind
+        if inplace:
+            ctx.mark_dirty(x)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (packed,) = ctx.saved_tensors
+        mask = unpack_mask(packed, ctx.shape)
+        if ctx.kind == "leaky":
+            grad = torch.where(mask, grad_out, grad_out * ctx.slope)
+        else:
+            grad = torch.where(mask, grad_out, grad_out.new_zeros(()))
+        return grad, None, None, None, None, None
+
+
+def _settings(module: nn.Module) -> tuple[str, float, float, float]:
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return "hardtanh", float(module.min_val), float(module.max_val), 0.0
+    if isinstance(module, nn.LeakyReLU):
+        return "leaky", 0.0, 0.0, float(module.negative_slope)
+    return "relu", 0.0, 0.0, 0.0
+
+
+@register_neighbour(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
+def masked(module: nn.Module, x: Tensor, state: NeighbourState) -> Tensor | None:
+    """Run the activation keeping a 1-bit mask (None: nothing to keep, run it plainly)."""
+    if not x.requires_grad or not x.is_floating_point():
+        return None
+    kind, lo, hi, slope = _settings(module)
+    y = MaskedActivation.apply(x, kind, lo, hi, slope, bool(getattr(module, "inplace", False)))
+    state.keep("bits", x, (x.numel() + 7) // 8)
+    return y
