@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from actcomp.config import CompressionConfig
 from actcomp.devices import DeviceProfile, load_device
 from actcomp.hooks.select import LayerSelector, execution_order, select_layers
-from actcomp.hooks.swap import compress, restore, stats
+from actcomp.hooks.swap import attach_neighbour, compress, neighbour_states, restore, stats
 from actcomp.kernels import base_type
 from actcomp.methods import method_class, method_names
-from actcomp.memory.measure import format_bytes, loss_of
+from actcomp.memory.measure import format_bytes, loss_of, measure
+from actcomp.policies import Neighbours, factor_config
 from actcomp.memory.saved import count_saved
 from actcomp.text import aligned_table
 
@@ -67,6 +68,19 @@ class LayerChoice:
     grad_error: float  # ||dW_eps - dW|| / ||dW|| measured on the calibration batches; 1 when frozen
 
 
+@dataclass(frozen=True)
+class NeighbourChoice:
+    """What the plan does with one neighbour whose policy trades accuracy for bytes (a
+    BatchNorm using batch statistics): keep its input (``eps`` None) or factors of its
+    normalised input at ``eps``."""
+
+    name: str
+    layer_type: str
+    eps: float | None
+    kept_bytes: int  # what it keeps under this choice
+    grad_error: float  # ||dX_eps - dX|| / ||dX|| on the calibration batches; 0 when kept
+
+
 @dataclass
 class Plan:
     """The chosen layers and eps, with the memory the planner predicts for one step."""
@@ -80,6 +94,7 @@ class Plan:
     optimizer_copies: int
     device: str | None = None
     notes: list[str] = field(default_factory=list)
+    neighbours: list[NeighbourChoice] = field(default_factory=list)
 
     @property
     def trained(self) -> list[LayerChoice]:
@@ -88,7 +103,7 @@ class Plan:
     @property
     def predicted_saved_bytes(self) -> int:
         """Bytes autograd keeps in one step under this plan (as measured on the calibration batches)."""
-        return self.overhead_bytes + sum(c.kept_bytes for c in self.choices)
+        return self.overhead_bytes + sum(c.kept_bytes for c in self.choices) + sum(n.kept_bytes for n in self.neighbours)
 
     @property
     def predicted_bytes(self) -> int:
@@ -101,7 +116,7 @@ class Plan:
 
     @property
     def total_error(self) -> float:
-        return sum(c.grad_error for c in self.choices)
+        return sum(c.grad_error for c in self.choices) + sum(n.grad_error for n in self.neighbours)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze the model but the trained layers and compress from the first trained layer on.
@@ -109,7 +124,8 @@ class Plan:
         Trained layers get the chosen eps; candidates after the first trained one that stay
         frozen are compressed too, which makes them keep nothing (their input gradient needs
         only the weight). Layers before the first trained one are untouched and frozen.
-        Returns ``model``.
+        Neighbours keep masks, indices or nothing (exact) everywhere, and the BatchNorms the
+        plan lists keep factors at their eps or their input, as chosen. Returns ``model``.
         """
         restore(model)
         model.requires_grad_(False)
@@ -127,6 +143,12 @@ class Plan:
             if choice.train:
                 module.requires_grad_(True)
             compress(model, [choice.name], config=CompressionConfig(self.method, choice.eps or 1.0))
+        chosen = {n.name: n for n in self.neighbours}
+        for name, state in neighbour_states(model).items():
+            n = chosen.get(name)
+            state.approximate = n is not None and n.eps is not None
+            if state.approximate:
+                state.configure(factor_config(CompressionConfig(self.method, n.eps), Neighbours()))
         return model
 
     def as_dict(self) -> dict[str, Any]:
@@ -146,6 +168,7 @@ class Plan:
         for key in ("predicted_saved_bytes", "predicted_bytes", "total_error"):
             data.pop(key, None)
         data["choices"] = [LayerChoice(**c) for c in data["choices"]]
+        data["neighbours"] = [NeighbourChoice(**n) for n in data.get("neighbours", [])]
         return Plan(**data)
 
     @staticmethod
@@ -158,12 +181,16 @@ class Plan:
             [c.name, c.layer_type, "yes" if c.train else "no", f"{c.eps:g}" if c.eps is not None else "-", format_bytes(c.kept_bytes), f"{c.grad_error:.4f}"]
             for c in self.choices
         ]
+        rows += [
+            [n.name, n.layer_type, "(neighbour)", f"{n.eps:g}" if n.eps is not None else "keep", format_bytes(n.kept_bytes), f"{n.grad_error:.4f}"]
+            for n in self.neighbours
+        ]
         lines = [aligned_table(header, rows)]
         target = f" ({self.device})" if self.device else ""
         lines.append(
             f"{len(self.trained)} of {len(self.choices)} layers trained, method {self.method}; predicted {format_bytes(self.predicted_bytes)} "
             f"of budget {format_bytes(self.budget_bytes)}{target}, scope {self.scope} "
-            f"(saved {format_bytes(self.predicted_saved_bytes)}, of which {format_bytes(self.overhead_bytes)} outside the candidates); "
+            f"(saved {format_bytes(self.predicted_saved_bytes)}, of which {format_bytes(self.overhead_bytes)} outside the candidates and the BatchNorms chosen for); "
             f"total gradient error {self.total_error:.3f}"
         )
         lines += [f"note: {n}" for n in self.notes]
@@ -194,8 +221,9 @@ def _capture(model: nn.Module, names: list[str], batch: object, loss_fn: Callabl
     handles = []
     for name in names:
         def hook(module: nn.Module, args: tuple, output: Tensor, name: str = name) -> None:
-            captured[name] = [args[0].detach()]
-            output.register_hook(lambda grad: captured[name].append(grad.detach()))
+            if output.requires_grad:  # modules before the first trainable one see no gradient
+                captured[name] = [args[0].detach()]
+                output.register_hook(lambda grad: captured[name].append(grad.detach()))
 
         handles.append(modules[name].register_forward_hook(hook))
     try:
@@ -275,15 +303,28 @@ class EpsCost:
 
 @dataclass(frozen=True)
 class _Candidates:
-    """The model copy the planner works on and its candidate layers in execution order."""
+    """The model copy the planner works on, its candidate layers in execution order, and the
+    neighbours whose policy trades accuracy for bytes (BatchNorm on batch statistics), each
+    with its position in execution order."""
 
     work: nn.Module
     names: list[str]
     modules: dict[str, nn.Module]
+    position: dict[str, int]
+    tradeable: list[str]
+
+    def tradeable_after(self, s: int) -> list[str]:
+        """The tradeable neighbours after candidate s: backward passes through them."""
+        start = self.position[self.names[s]]
+        return [n for n in self.tradeable if self.position[n] > start]
+
+
+_TRADEABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _candidates(model: nn.Module, batches: list[object], candidates: LayerSelector) -> _Candidates:
-    """Phase 1: a plain, trainable copy of the model and the candidates its forward calls."""
+    """Phase 1: a plain, trainable copy of the model, the candidates its forward calls and the
+    BatchNorms it runs on batch statistics."""
     work = copy.deepcopy(model)
     restore(work)
     work.train()
@@ -297,15 +338,20 @@ def _candidates(model: nn.Module, batches: list[object], candidates: LayerSelect
     work.requires_grad_(False)
     for n in names:
         modules[n].weight.requires_grad_(True)
-    return _Candidates(work, names, modules)
+    tradeable = [
+        n for n in order
+        if isinstance(modules[n], _TRADEABLE) and (modules[n].training or modules[n].running_mean is None)
+    ]
+    return _Candidates(work, names, modules, position, tradeable)
 
 
-def _eps_costs(c: _Candidates, batches: list[object], method: str, grid: list[float], loss_fn: Callable | None) -> dict[str, list[EpsCost]]:
-    """Phase 2: per candidate and eps, the bytes its real kernel keeps and its gradient error."""
-    kept = {n: {e: 0 for e in grid} for n in c.names}
-    error = {n: {e: 0.0 for e in grid} for n in c.names}
+def _eps_costs(c: _Candidates, batches: list[object], method: str, grid: list[float], loss_fn: Callable | None) -> tuple[dict[str, list[EpsCost]], dict[str, list[EpsCost]]]:
+    """Phase 2: per candidate and eps, the bytes its real kernel keeps and its gradient error;
+    per tradeable BatchNorm and eps, the bytes its factors policy keeps and its dX error."""
+    kept = {n: {e: 0 for e in grid} for n in c.names + c.tradeable}
+    error = {n: {e: 0.0 for e in grid} for n in c.names + c.tradeable}
     for batch in batches:
-        captured = _capture(c.work, c.names, batch, loss_fn)
+        captured = _capture(c.work, c.names + c.tradeable, batch, loss_fn)
         for n in c.names:
             x, dy = captured[n]
             _, exact = _layer_grad(c.modules[n], x, dy, CompressionConfig("none"))
@@ -314,67 +360,116 @@ def _eps_costs(c: _Candidates, batches: list[object], method: str, grid: list[fl
                 nbytes, grad = _layer_grad(c.modules[n], x, dy, CompressionConfig(method, e))
                 kept[n][e] = max(kept[n][e], nbytes)
                 error[n][e] += (grad - exact).norm().item() / scale / len(batches)
-    return {n: [EpsCost(e, kept[n][e], error[n][e]) for e in grid] for n in c.names}
+        for n in c.tradeable:
+            if n not in captured:
+                continue
+            x, dy = captured[n]
+            _, exact = _neighbour_grad(c.modules[n], n, x, dy, None, method)
+            scale = exact.norm().item() or 1.0
+            for e in grid:
+                nbytes, grad = _neighbour_grad(c.modules[n], n, x, dy, e, method)
+                kept[n][e] = max(kept[n][e], nbytes)
+                error[n][e] += (grad - exact).norm().item() / scale / len(batches)
+    costs = {n: [EpsCost(e, kept[n][e], error[n][e]) for e in grid] for n in c.names + c.tradeable}
+    return {n: costs[n] for n in c.names}, {n: costs[n] for n in c.tradeable}
 
 
-def _suffix_overheads(c: _Candidates, batches: list[object], method: str, eps: float, loss_fn: Callable | None) -> list[int]:
-    """Phase 3: O(s), what the step keeps besides the factors when candidates s.. train."""
-    overhead = []
+def _neighbour_grad(module: nn.Module, name: str, x: Tensor, dy: Tensor, eps: float | None, method: str) -> tuple[int, Tensor]:
+    """Run a copy of a neighbour on x with its factors policy at eps (None: plain autograd);
+    the bytes it keeps and its input gradient for dy."""
+    copied = copy.deepcopy(module)
+    restore(copied)
+    if eps is not None:
+        attach_neighbour(copied, name, factor_config(CompressionConfig(method, eps), Neighbours()), Neighbours(), approximate=True)
+    x = x.clone().requires_grad_()
+    with count_saved(copied) as saved:
+        y = copied(x)
+    (grad,) = torch.autograd.grad(y, x, dy)
+    return saved.saved_bytes, grad
+
+
+def _suffix_overheads(c: _Candidates, batches: list[object], method: str, eps: float, loss_fn: Callable | None) -> tuple[list[int], list[dict[str, int]]]:
+    """Phase 3: O(s), what the step keeps besides the candidates' factors and the tradeable
+    BatchNorms when candidates s.. train (masks, indices, the loss, ...), and what each of
+    those BatchNorms keeps with plain autograd; measured per module in one step."""
+    overhead, keep_bytes = [], []
     for s in range(len(c.names)):
         trial = copy.deepcopy(c.work)
         trial.requires_grad_(False)
         trial_modules = dict(trial.named_modules())
         for n in c.names[s:]:
             trial_modules[n].weight.requires_grad_(True)
-        compress(trial, c.names[s:], method=method, eps=eps)
-        worst = 0
+        compress(trial, c.names[s:], method=method, eps=eps, neighbours=Neighbours(batchnorm="keep"))
+        tradeable = set(c.tradeable_after(s))
+        worst, plain = 0, {n: 0 for n in tradeable}
         for batch in batches:
-            with count_saved(trial) as saved:
-                loss = _loss(trial, batch, loss_fn)
+            args, targets = _as_args(batch)
+            rows = measure(trial, args, targets, loss_fn, vanilla=False).rows
             factors = sum(st.kept_bytes for st in stats(trial).values())
-            worst = max(worst, saved.saved_bytes - factors)
-            del loss
+            for row in rows:
+                if row.name in tradeable:
+                    plain[row.name] = max(plain[row.name], row.saved_bytes)
+            rest = sum(row.saved_bytes for row in rows if row.name not in tradeable) - factors
+            worst = max(worst, rest)
         overhead.append(worst)
-    return overhead
+        keep_bytes.append(plain)
+    return overhead, keep_bytes
 
 
 @dataclass(frozen=True)
 class _Solution:
-    """Phase 4's answer: the first trainable candidate s and the eps (None: frozen) of each
-    candidate from s on, with the total error (frozen layers count 1) and bytes."""
+    """Phase 4's answer: the first trainable candidate s, the eps (None: frozen) of each
+    candidate from s on and of each tradeable BatchNorm after s (None: kept plain), with the
+    total error (frozen layers count 1) and bytes."""
 
     start: int
     picks: tuple
+    neighbour_picks: tuple
     error: float
     nbytes: int
 
 
 def _solve(
-    names: list[str], costs: dict[str, list[EpsCost]], overheads: list[int], fixed: int, budget: int, extra_bytes: dict[str, int]
+    c: _Candidates,
+    costs: dict[str, list[EpsCost]],
+    neighbour_costs: dict[str, list[EpsCost]],
+    overheads: list[int],
+    keep_bytes: list[dict[str, int]],
+    fixed: int,
+    budget: int,
+    extra_bytes: dict[str, int],
 ) -> tuple[_Solution | None, tuple[int, str, float]]:
-    """Phase 4: for every start s, the knapsack over candidates s.. under the budget left after
-    the overhead O(s) and the fixed bytes; the best s wins. Also returns the cheapest step that
-    trains one layer (total bytes, layer, eps), for the message of an infeasible budget."""
+    """Phase 4: for every start s, the knapsack over candidates s.. and the tradeable
+    BatchNorms after s, under the budget left after the overhead O(s) and the fixed bytes; the
+    best s wins. Also returns the cheapest step that trains one layer (total bytes, layer,
+    eps), for the message of an infeasible budget."""
+    names = c.names
     best: _Solution | None = None
     cheapest: tuple[int, str, float] | None = None
     for s in range(len(names)):
         items = [
-            [Option(0, 1.0, None), *(Option(c.kept_bytes + extra_bytes[n], c.grad_error, c.eps) for c in costs[n])]
+            [Option(0, 1.0, None), *(Option(cost.kept_bytes + extra_bytes[n], cost.grad_error, cost.eps) for cost in costs[n])]
             for n in names[s:]
         ]
+        tradeable = c.tradeable_after(s)
+        items += [
+            [Option(keep_bytes[s].get(n, 0), 0.0, None), *(Option(cost.kept_bytes, cost.grad_error, cost.eps) for cost in neighbour_costs[n])]
+            for n in tradeable
+        ]
         smallest = min(items[0][1:], key=lambda o: o.nbytes)
-        total = smallest.nbytes + overheads[s] + fixed
+        total = smallest.nbytes + overheads[s] + fixed + sum(min(o.nbytes for o in item) for item in items[len(names) - s :])
         if cheapest is None or total < cheapest[0]:
             cheapest = (total, names[s], smallest.key)
         capacity = budget - overheads[s] - fixed
         if capacity < 0:
             continue
         selection = pareto_knapsack(items, capacity)
-        if selection is None or all(k is None for k in selection.keys):
+        if selection is None or all(k is None for k in selection.keys[: len(names) - s]):
             continue
         error = selection.error + s  # the candidates before s are frozen: error 1 each
         if best is None or (error, selection.nbytes) < (best.error, best.nbytes):
-            best = _Solution(s, selection.keys, error, selection.nbytes)
+            layer_keys, neighbour_keys = selection.keys[: len(names) - s], selection.keys[len(names) - s :]
+            best = _Solution(s, layer_keys, tuple(zip(tradeable, neighbour_keys)), error, selection.nbytes)
     assert cheapest is not None
     return best, cheapest
 
@@ -425,13 +520,13 @@ def plan(
         raise ValueError("plan needs at least one calibration batch")
 
     c = _candidates(model, batches, candidates)
-    costs = _eps_costs(c, batches, method, grid, loss_fn)
-    overheads = _suffix_overheads(c, batches, method, grid[0], loss_fn)
+    costs, neighbour_costs = _eps_costs(c, batches, method, grid, loss_fn)
+    overheads, keep_bytes = _suffix_overheads(c, batches, method, grid[0], loss_fn)
     param_bytes = {n: sum(p.numel() * p.element_size() for p in c.modules[n].parameters()) for n in c.names}
     fixed = sum(p.numel() * p.element_size() for p in c.work.parameters()) if scope == "step" else 0
     per_param = (1 + optimizer_copies) if scope == "step" else 0
     extra = {n: param_bytes[n] * per_param for n in c.names}
-    best, cheapest = _solve(c.names, costs, overheads, fixed, budget_bytes, extra)
+    best, cheapest = _solve(c, costs, neighbour_costs, overheads, keep_bytes, fixed, budget_bytes, extra)
     if best is None:
         need = cheapest[0]
         raise ValueError(
@@ -455,6 +550,15 @@ def plan(
             )
         )
     first = next(i for i, choice in enumerate(choices) if choice.train)
+    by_eps.update({n: {cost.eps: cost for cost in neighbour_costs[n]} for n in c.tradeable})
+    neighbours = [
+        NeighbourChoice(
+            name=n, layer_type=base_type(c.modules[n]).__name__, eps=e,
+            kept_bytes=by_eps[n][e].kept_bytes if e is not None else keep_bytes[best.start][n],
+            grad_error=by_eps[n][e].grad_error if e is not None else 0.0,
+        )
+        for n, e in best.neighbour_picks
+    ]
     notes = [
         "bytes are the largest over the calibration batches: eps fixes explained variance, not rank, so other batches may keep more or less"
     ]
@@ -468,4 +572,5 @@ def plan(
         optimizer_copies=optimizer_copies if scope == "step" else 0,
         device=profile.name if profile is not None else None,
         notes=notes,
+        neighbours=neighbours,
     )

@@ -167,3 +167,30 @@ def test_pareto_knapsack_equals_brute_force(seed):
     chosen = [next(o for o in options if o.key == key) for options, key in zip(items, result.keys)]
     assert sum(o.nbytes for o in chosen) == result.nbytes and abs(sum(o.error for o in chosen) - result.error) < 1e-9
     assert result.nbytes == min(f[1] for f in feasible if abs(f[0] - best_error) < 1e-9)
+
+
+def test_batchnorm_policies_are_chosen_by_the_budget(tmp_path):
+    """A BatchNorm on batch statistics after the first trained layer is an item of the
+    knapsack: kept plain (error 0) with room to spare, factors when the budget is tight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    x = torch.nn.functional.interpolate(torch.randn(8, 3, 4, 4), size=16, mode="bilinear")
+    batch = (x, torch.randint(0, 4, (8,)))
+    roomy = plan(model, [batch], budget=10**9, loss_fn=LOSS, candidates="all")
+    assert [n.name for n in roomy.neighbours] == ["2", "5"] and all(n.eps is None and n.grad_error == 0 for n in roomy.neighbours)
+    tight_budget = roomy.predicted_saved_bytes - 4 * 8 * 8 * 16 * 16  # less than the BatchNorms' inputs
+    tight = plan(model, [batch], budget=tight_budget, loss_fn=LOSS, candidates="all")
+    assert any(n.eps is not None for n in tight.neighbours)
+    applied = tight.apply(copy.deepcopy(model))
+    assert measured_saved_bytes(applied, batch) == tight.predicted_saved_bytes <= tight_budget
+    states = {n: actcomp.layer_state(applied[int(n)]) for n in ("2", "5")}
+    for n in tight.neighbours:
+        assert states[n.name].approximate == (n.eps is not None)
+        if n.eps is not None:
+            assert states[n.name].config.eps == n.eps
+    tight.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == tight
+    assert "(neighbour)" in tight.table()
