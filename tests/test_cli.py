@@ -1,10 +1,13 @@
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from actcomp.cli import main
+from actcomp.models import TinyMobileNet
 
 QUICK = ["--epochs", "1", "--pretrain-epochs", "1", "--no-progress"]
 
@@ -64,10 +67,6 @@ def test_measure_and_plan_commands(capsys, tmp_path):
 
 # --- Every bad input is one line on stderr and exit code 2, found before any training. ---
 
-import torch
-
-from actcomp.models import TinyMobileNet
-
 
 def write_images(root, classes, corrupt=None):
     from PIL import Image
@@ -126,9 +125,7 @@ BAD_FILE_INPUTS = [
 
 @pytest.mark.parametrize("argv, message", BAD_FILE_INPUTS)
 def test_bad_files_are_one_line_and_exit_2_before_training(argv, message, capsys, tmp_path, monkeypatch):
-    """Each case fails before any data is loaded for training or any model is trained."""
-    import re
-
+    """Each case fails before any model is trained."""
     files = {kind: str(make_file(tmp_path, kind)) for kind in {k for a in argv for k in re.findall(r"\{(.+?)\}", a)}}
     argv = [re.sub(r"\{(.+?)\}", lambda m: files[m.group(1)], a) for a in argv]
     message = re.sub(r"\{(.+?)\}", lambda m: files[m.group(1)], message)

@@ -1,12 +1,19 @@
 """actcomp finetune: outputs, and --resume after an interruption gives the same final weights."""
 
+import errno
 import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
 from actcomp.cli import main
-from actcomp.finetune import FinetuneConfig, run_finetune
+from actcomp.finetune import FinetuneConfig, load_checkpoint, run_finetune
 
 
 class Interrupted(Exception):
@@ -77,16 +84,6 @@ def test_imagefolder_data(tmp_path):
 
 
 # --- Reliability: nothing a run wrote is lost, nothing in a run directory runs code. ---
-
-import errno
-import os
-import signal
-import subprocess
-import sys
-from dataclasses import asdict
-from pathlib import Path
-
-from actcomp.finetune import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_RUN = FinetuneConfig(method="asi", epochs=2, batch_size=128, layers="last:2", optimizer="momentum", lr=0.02)
