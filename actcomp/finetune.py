@@ -27,9 +27,8 @@ from tqdm import tqdm
 
 from actcomp.config import CompressionConfig
 from actcomp.data import digits, image_folder, split
-from actcomp.decompose import SubspaceTracker
 from actcomp.files import atomic_torch_save, atomic_write_text, check_output_dir, load_plain, temporary_path
-from actcomp.hooks import compress, select_layers, stats
+from actcomp.hooks import compress, layer_state, select_layers, stats
 from actcomp.memory import count_saved
 from actcomp.memory.plan import Plan, parse_bytes, plan
 from actcomp.models import TinyMobileNet
@@ -38,7 +37,7 @@ from actcomp.torch_device import torch_device
 BUILTIN_MODELS = ("tiny_mobilenet",)
 OPTIMIZERS = ("sgd", "momentum", "adam")
 RUN_FILES = ("config.json", "plan.json", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt")
-CHECKPOINT_KEYS = ("model", "optimizer", "rng", "trackers", "metrics", "epoch")
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "layers", "metrics", "epoch")
 
 
 def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -232,33 +231,25 @@ def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | 
     return model, None
 
 
-def _trackers(model: nn.Module) -> dict[str, dict]:
-    """The asi subspace trackers as plain data (dicts of tensors and ints) for the checkpoint."""
-    return {
-        n: {"margin": t.margin, "factors": dict(t.factors), "recomputed": t.recomputed, "steps": t.steps}
-        for n, m in model.named_modules()
-        if (t := getattr(getattr(m, "_actcomp_layer", None), "tracker", None)) is not None
-    }
+def _layer_states(model: nn.Module) -> dict[str, dict]:
+    """Every compressed layer's state as plain data (settings and asi's tracked subspaces)."""
+    return {n: s.state_dict() for n, m in model.named_modules() if (s := layer_state(m)) is not None}
 
 
-def _restore_trackers(model: nn.Module, trackers: object, where: Path) -> None:
-    """Rebuild the SubspaceTracker of every layer named in a checkpoint's ``trackers``."""
+def _restore_layers(model: nn.Module, layers: object, where: Path) -> None:
+    """Put back every compressed layer's state (settings, asi's subspaces) from a checkpoint's
+    ``layers`` (plain data: see :meth:`actcomp.LayerState.state_dict`)."""
     modules = dict(model.named_modules())
-    if not isinstance(trackers, dict):
-        raise ValueError(f"checkpoint '{where}': 'trackers' is not a mapping")
-    for name, state in trackers.items():
-        layer = getattr(modules.get(name), "_actcomp_layer", None)
-        valid = (
-            isinstance(state, dict)
-            and all(isinstance(state.get(k), int) for k in ("margin", "recomputed", "steps"))
-            and isinstance(state.get("factors"), dict)
-            and all(isinstance(k, int) and isinstance(v, Tensor) for k, v in state["factors"].items())
-        )
-        if layer is None or not valid:
-            raise ValueError(f"checkpoint '{where}': the subspace tracker of layer {name!r} does not fit this run")
-        layer.tracker = SubspaceTracker(
-            margin=state["margin"], factors=dict(state["factors"]), recomputed=state["recomputed"], steps=state["steps"]
-        )
+    if not isinstance(layers, dict):
+        raise ValueError(f"checkpoint '{where}': 'layers' is not a mapping")
+    for name, data in layers.items():
+        state = layer_state(modules[name]) if name in modules else None
+        if state is None or not isinstance(data, dict):
+            raise ValueError(f"checkpoint '{where}': the state of layer {name!r} does not fit this run")
+        try:
+            state.load_state_dict(data)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"checkpoint '{where}': the state of layer {name!r} does not fit this run ({error})") from None
 
 
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> float:
@@ -357,7 +348,7 @@ def run_finetune(
                 torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu(), device)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"checkpoint '{checkpoint_path}' does not fit this run ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})") from None
-        _restore_trackers(model, checkpoint["trackers"], checkpoint_path)
+        _restore_layers(model, checkpoint["layers"], checkpoint_path)
         metrics, start_epoch = list(checkpoint["metrics"]), int(checkpoint["epoch"])
     else:
         for name in existing:  # only with overwrite=True: the old run goes once the new one is ready
@@ -399,7 +390,7 @@ def run_finetune(
         })
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "trackers": _trackers(model), "metrics": metrics, "epoch": epoch + 1,
+            "layers": _layer_states(model), "metrics": metrics, "epoch": epoch + 1,
         }
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)

@@ -221,7 +221,7 @@ def test_finetune_on_cuda_and_resume(tmp_path):
         run_finetune(config, tmp_path, progress=False, device="cuda", after_epoch=stop)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # tensors come back where they were saved
     assert all(v.is_cuda for v in checkpoint["model"].values())
-    assert "cuda_rng" in checkpoint and all(f.is_cuda for t in checkpoint["trackers"].values() for f in t["factors"].values())
+    assert "cuda_rng" in checkpoint and all(f.is_cuda for s in checkpoint["layers"].values() for f in s["method_state"].get("factors", {}).values())
     assert main(["finetune", "--method", "asi", "--epochs", "2", "--batch-size", "128", "--layers", "last:2",
                  "--out", str(tmp_path), "--resume", "--device", "cuda", "--no-progress"]) == 0
     weights = torch.load(tmp_path / "model.pt", weights_only=True)

@@ -185,7 +185,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
     out, marker = tmp_path / "run", tmp_path / "marker"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(asdict(QUICK_RUN)))
-    torch.save({"model": {}, "optimizer": {}, "rng": MakesMarker(marker), "trackers": {}, "metrics": [], "epoch": 1}, out / "checkpoint.pt")
+    torch.save({"model": {}, "optimizer": {}, "rng": MakesMarker(marker), "layers": {}, "metrics": [], "epoch": 1}, out / "checkpoint.pt")
     assert main(quick_argv(out, "--resume")) == 2
     err = capsys.readouterr().err
     assert "checkpoint" in err and "refused: it holds a reference to" in err and err.count("\n") == 1
@@ -207,10 +207,11 @@ def test_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
 def test_trackers_are_stored_as_plain_data(tmp_path):
     run_finetune(FinetuneConfig(method="asi", epochs=1, batch_size=128, layers="last:2"), tmp_path, progress=False)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert len(state["trackers"]) == 2
-    for tracker in state["trackers"].values():
+    trackers = {n: s["method_state"] for n, s in state["layers"].items() if s["method"] == "asi"}
+    assert len(trackers) == 2
+    for tracker in trackers.values():
         assert set(tracker) == {"margin", "factors", "recomputed", "steps"} and tracker["steps"] > 0
-        assert tracker["factors"] and all(isinstance(k, int) and isinstance(v, torch.Tensor) for k, v in tracker["factors"].items())
+        assert tracker["factors"] and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tracker["factors"].items())
 
 
 def test_an_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys, monkeypatch):
