@@ -1,7 +1,14 @@
-"""The ``actcomp`` command: demo, finetune, measure, plan, compare, devices.
+"""The ``actcomp`` command: demo, finetune, measure, plan, compare, export, devices.
 
 Errors in the user's input (unknown model, missing data directory, budget too small, eps out
-of range, ...) print one line on stderr and exit with code 2, without a traceback.
+of range, a damaged or crafted file, an output path that cannot be written, ...) print one
+line on stderr and exit with code 2, without a traceback; they are found before any training.
+A failure of the machine while working (disk full) prints one line and exits with code 1.
+
+``--device`` is the torch device to train and measure on (cpu, cuda, cuda:N, mps);
+``--target`` the device profile to plan for (stm32h743, a .toml file). The old spelling
+``--device <profile>`` still works, with a warning: a value that ``torch.device`` does not
+accept cannot be a torch device, so it is read as a profile.
 """
 
 from __future__ import annotations
@@ -13,23 +20,54 @@ from pathlib import Path
 
 from actcomp.config import CompressionConfig
 from actcomp.methods import method_names
+from actcomp.files import check_output_dir, check_output_file
+
+
+def _resolve_devices(args: argparse.Namespace, cpu_only: bool = False) -> None:
+    """Split ``--device`` into the torch device (``args.torch_device``) and, for the deprecated
+    spelling ``--device <profile>``, the profile (``args.target``), with a warning on stderr."""
+    from actcomp.torch_device import is_torch_device, torch_device
+
+    spec = args.device
+    if spec is not None and not is_torch_device(spec):
+        if not hasattr(args, "target"):
+            raise ValueError(f"--device {spec!r} is not a torch device; give cpu, cuda, cuda:N or mps")
+        if args.target is not None:
+            raise ValueError(f"--device {spec!r} names a device profile and --target {args.target!r} another; give the profile once, with --target")
+        print(
+            f"actcomp {args.command}: warning: --device {spec} names a device profile; that spelling is deprecated, "
+            f"use --target {spec} (--device now chooses the torch device: cpu, cuda, cuda:N, mps)",
+            file=sys.stderr,
+        )
+        args.target, spec = spec, None
+    args.torch_device = torch_device(spec)
+    if cpu_only and args.torch_device.type != "cpu":
+        raise ValueError(f"actcomp {args.command} runs on the CPU; --device {spec} is not supported here")
+
+
+def _check_budget(budget: str | None) -> None:
+    from actcomp.finetune import parse_budget
+
+    if budget is not None:
+        parse_budget(budget)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from actcomp.demo import format_table, rows_as_dicts, run_demo
     from actcomp.plots import plot_demo
-    from actcomp.memory.plan import parse_bytes
 
-    CompressionConfig("hosvd", args.eps)  # a bad eps fails here, before any training
-    parse_bytes(args.budget)
+    _resolve_devices(args)
+    CompressionConfig("hosvd", args.eps)  # bad settings and outputs fail here, before any training
+    _check_budget(args.budget)
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
+    _check_training_numbers(args)
+    out = check_output_dir(args.out)
     rows, chosen = run_demo(
         layers=args.layers, eps=args.eps, budget=args.budget, pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+        device=args.torch_device,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print("Fine-tuning TinyMobileNet on digits 5-9 after pretraining on 0-4 (scikit-learn digits, 32x32)")
     print(format_table(rows))
     print(f"\nPlan for {args.budget}:\n{chosen}")
@@ -39,23 +77,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_training_numbers(args: argparse.Namespace) -> None:
+    for name in ("epochs", "pretrain_epochs", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def _finetune_config(args: argparse.Namespace):
     from actcomp.finetune import FinetuneConfig
 
-    return FinetuneConfig(
+    _resolve_devices(args)
+    config = FinetuneConfig(
         model=args.model, data=args.data, size=args.size, layers=args.layers, method=args.method, eps=args.eps,
-        patch=args.patch, budget=args.budget, device=args.device, epochs=getattr(args, "epochs", 1),
+        patch=args.patch, budget=args.budget, target=args.target, epochs=getattr(args, "epochs", 1),
         batch_size=args.batch_size, lr=getattr(args, "lr", 3e-3), optimizer=getattr(args, "optimizer", "adam"),
         seed=args.seed, weights=args.weights,
     )
+    config.validate()
+    return config
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from actcomp.finetune import run_finetune
 
     config = _finetune_config(args)
-    config.validate()
-    metrics = run_finetune(config, args.out, resume=args.resume, progress=not args.no_progress)
+    metrics = run_finetune(
+        config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, device=args.torch_device
+    )
     for row in metrics:
         print(
             f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, test accuracy {100 * row['test_accuracy']:.1f}%, "
@@ -73,8 +122,9 @@ def _measure(args: argparse.Namespace) -> int:
 
     config = _finetune_config(args)
     data = load_data(config.data, config.size, config.seed)
-    model, _ = prepare(config, data)
-    report = measure(model, data.train_x[: config.batch_size], data.train_y[: config.batch_size], nn.functional.cross_entropy)
+    model, _ = prepare(config, data, args.torch_device)
+    x, y = data.train_x[: config.batch_size].to(args.torch_device), data.train_y[: config.batch_size].to(args.torch_device)
+    report = measure(model, x, y, nn.functional.cross_entropy)
     print(report.to_json() if args.json else report)
     return 0
 
@@ -82,11 +132,13 @@ def _measure(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from actcomp.finetune import load_data, prepare
 
-    if args.budget is None and args.device is None:
-        raise ValueError("give --budget (e.g. 512KiB) or --device (see 'actcomp devices')")
     config = _finetune_config(args)
+    if args.budget is None and args.target is None:
+        raise ValueError("give --budget (e.g. 512KiB) or --target (a device profile, see 'actcomp devices')")
+    if args.out:
+        check_output_file(args.out)
     data = load_data(config.data, config.size, config.seed)
-    _, chosen = prepare(config, data)
+    _, chosen = prepare(config, data, args.torch_device)
     print(chosen)
     if args.out:
         chosen.save(args.out)
@@ -98,18 +150,24 @@ def _compare(args: argparse.Namespace) -> int:
     from actcomp.compare import run_compare, write_csv
     from actcomp.plots import plot_compare
 
+    _resolve_devices(args)
     methods = tuple(m.strip() for m in args.methods.split(","))
-    patches = tuple(int(p) for p in args.patches.split(","))
+    try:
+        patches = tuple(int(p) for p in args.patches.split(","))
+    except ValueError:
+        raise ValueError(f"--patches must be comma-separated whole numbers, got {args.patches!r}") from None
     for method in methods:
         for patch in patches:
             CompressionConfig(method, args.eps, patch)
     if args.max_layers < 1:
         raise ValueError(f"--max-layers must be at least 1, got {args.max_layers}")
+    _check_training_numbers(args)
+    out = check_output_dir(args.out)
     points = run_compare(
         methods=methods, max_layers=args.max_layers, eps=args.eps, patches=patches, pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+        device=args.torch_device,
     )
-    out = Path(args.out)
     for p in points:
         print(f"{p.method:<22} N={p.layers}  {p.layer_bytes / 1024:10.1f} KiB  {100 * p.accuracy:5.1f}%")
     print(f"wrote {write_csv(points, out / 'compare.csv')}, {plot_compare(points, out / 'compare.png')}")
@@ -119,36 +177,58 @@ def _compare(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
+    from actcomp.devices import load_device
     from actcomp.export import export_bundle, graph_memory_plan, onnx_inference
-    from actcomp.finetune import build_model, load_data
+    from actcomp.files import atomic_write_text
+    from actcomp.finetune import build_model, load_data, load_weights, selector
 
+    _resolve_devices(args, cpu_only=True)
+    if args.target is not None:
+        load_device(args.target)  # an unknown profile fails here, before the export
+    for name in ("batch_size", "size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.step:
+        from actcomp.export.bundle import check_step_settings
+
+        check_step_settings(max_rank=args.max_rank, eps=args.eps, momentum=args.momentum, lr=args.lr)
+        train_layers = selector(args.train)
+    if args.weights and not Path(args.weights).is_file():
+        raise ValueError(f"weights file '{args.weights}' does not exist")
+    out = check_output_dir(args.out)
     data = load_data(args.data, args.size, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.num_classes, data.in_channels)
     if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    out = Path(args.out)
+        load_weights(model, args.weights)
     if not args.step:
         result = onnx_inference(model, data.train_x[: args.batch_size], out / "model.onnx")
         plan = graph_memory_plan(result.path)
-        (out / "memory_plan.json").write_text(plan.to_json())
+        atomic_write_text(out / "memory_plan.json", plan.to_json())
         print(f"wrote {result.path} ({result.size_bytes} bytes; onnxruntime vs eager max abs error {result.max_abs_error:.2g})")
         print(plan)
-        if args.device:
-            print(plan.verdict(args.device))
+        if args.target:
+            print(plan.verdict(args.target))
         return 0
     from actcomp.hooks import select_layers
 
     model.requires_grad_(False)
     modules = dict(model.named_modules())
-    for name in select_layers(model, args.train, sample=data.train_x[:1]):
+    for name in select_layers(model, train_layers, sample=data.train_x[:1]):
         modules[name].requires_grad_(True)
+    if not args.weights:
+        print(
+            f"actcomp export: warning: no --weights, so the bundle starts from random weights; with only the --train "
+            f"layers ({args.train}) trainable on random frozen features it can hardly learn. Pass trained weights "
+            "(e.g. OUT/model.pt of 'actcomp finetune')",
+            file=sys.stderr,
+        )
     batch = (data.train_x[: args.batch_size], data.train_y[: args.batch_size])
     manifest = export_bundle(
-        model, batch, out, data=(data.train_x, data.train_y), device=args.device,
+        model, batch, out, data=(data.train_x, data.train_y), device=args.target,
         max_rank=args.max_rank, eps=args.eps, momentum=args.momentum, lr=args.lr,
     )
-    print(f"wrote the bundle to {out}: step.onnx ({manifest['step_bytes']} bytes), model.onnx, state.npz, data.npz, manifest.json, runner.py")
+    print(f"wrote the bundle to {out}: step.onnx ({manifest['step_bytes']} bytes), model.onnx, state.npz, initial_state.npz, data.npz, manifest.json, runner.py")
     print(f"step verified against eager PyTorch: max abs error {manifest['verified_max_abs_error']:.2g}")
     plan = manifest["memory_plan"]
     print(f"step memory plan: peak {plan['peak_bytes']} bytes, weights {plan['weights_bytes']} bytes" + (f"; {plan['verdict']}" if "verdict" in plan else ""))
@@ -187,13 +267,22 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--eps", type=float, default=0.8, help="explained variance kept, in (0, 1] (default 0.8)")
     p.add_argument("--patch", type=int, default=4, help="gradient_filter patch size r (default 4)")
     p.add_argument("--budget", help="plan eps per layer for this many bytes kept by autograd (e.g. 512KiB)")
-    p.add_argument("--device", help="plan for a device profile's budget (see 'actcomp devices')")
+    p.add_argument("--target", metavar="PROFILE", help="plan for a device profile's budget: a name from 'actcomp devices' or a .toml file")
+    _add_device_option(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     if training:
         p.add_argument("--epochs", type=int, default=5)
         p.add_argument("--lr", type=float, default=3e-3)
         p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "adam"])
+
+
+def _add_device_option(p: argparse.ArgumentParser, cpu_only: bool = False) -> None:
+    where = "export traces on the CPU: only cpu" if cpu_only else "cpu (default), cuda, cuda:N, mps"
+    p.add_argument(
+        "--device", metavar="TORCH_DEVICE",
+        help=f"torch device to run on: {where}. A device profile here (--device stm32h743) is the deprecated spelling of --target",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="actcomp-demo", help="directory for demo.png, demo.json, plan.json")
+    demo.add_argument("--device", metavar="TORCH_DEVICE", help="torch device to train and measure on: cpu (default), cuda, cuda:N, mps")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
 
@@ -225,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(finetune, training=True)
     finetune.add_argument("--out", default="actcomp-run", help="output directory (default actcomp-run)")
     finetune.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    finetune.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (refused otherwise)")
     finetune.add_argument("--no-progress", action="store_true")
     finetune.set_defaults(run=_finetune)
 
@@ -248,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch-size", type=int, default=64)
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--out", default="actcomp-compare", help="directory for compare.png and compare.csv")
+    compare.add_argument("--device", metavar="TORCH_DEVICE", help="torch device to train on: cpu (default), cuda, cuda:N, mps")
     compare.add_argument("--no-progress", action="store_true")
     compare.set_defaults(run=_compare)
 
@@ -269,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-rank", type=int, default=8, help="static rank of the step's factorisations (default 8)")
     export.add_argument("--momentum", type=float, default=0.0)
     export.add_argument("--lr", type=float, default=0.05)
-    export.add_argument("--device", help="also check the memory plan against a device profile")
+    export.add_argument("--target", metavar="PROFILE", help="also check the memory plan against a device profile")
+    _add_device_option(export, cpu_only=True)
     export.add_argument("--out", default="actcomp-export", help="output directory")
     export.set_defaults(run=_export)
 
@@ -280,15 +373,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The first line of the error's message, control characters (terminal escapes) escaped."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: errors in the user's input are one line on stderr and exit code 2."""
+    """Entry point: errors in the user's input are one line on stderr and exit code 2; a
+    failure of the machine (disk full, I/O error) is one line and exit code 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
-        print(f"actcomp {args.command}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        print(f"actcomp {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"actcomp {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

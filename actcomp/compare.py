@@ -12,6 +12,8 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from actcomp.config import CompressionConfig
 from actcomp.demo import accuracy, finetune_copy, last_layers, make_task
 from actcomp.hooks import stats
@@ -48,10 +50,12 @@ def run_compare(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> list[ComparePoint]:
-    """Fine-tune the last N = 1..max_layers layers with every method variant; one point each."""
+    """Fine-tune the last N = 1..max_layers layers with every method variant, on the torch
+    ``device`` (default CPU); one point each."""
     runs = variants(methods, eps, patches)
-    task = make_task(pretrain_epochs, batch_size, seed, progress)
+    task = make_task(pretrain_epochs, batch_size, seed, progress, device)
     points = []
     for count in range(1, max_layers + 1):
         names = last_layers(task, count)

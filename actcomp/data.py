@@ -1,6 +1,9 @@
-"""Data that ships with a package: scikit-learn's handwritten digits (no download)."""
+"""Data: scikit-learn's handwritten digits (ship with a package, no download) and ImageFolder
+directories, checked so that a bad file or a one-class folder is an error naming it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,3 +36,37 @@ def split(images: Tensor, labels: Tensor, test_fraction: float, seed: int) -> tu
     n_test = int(round(len(labels) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     return images[train], labels[train], images[test], labels[test]
+
+
+def image_folder(path: str | Path, size: int) -> tuple[Tensor, Tensor, list[str]]:
+    """An ImageFolder directory (one sub-directory per class, named by it) as tensors.
+
+    Returns images (N, C, size, size) in [0, 1] (resized, ``ToTensor``), labels (N,) in
+    0..K-1 following the sorted class names, and the K class names. Raises ValueError naming
+    the directory when it is missing, has fewer than two classes (a one-class classifier is
+    always right and learns nothing) or holds no images, and naming the file when an image
+    cannot be decoded.
+    """
+    from torchvision import datasets, transforms
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"data directory '{path}' does not exist (use 'digits' or an ImageFolder directory)")
+    try:
+        folder = datasets.ImageFolder(str(path), transform=transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()]))
+    except FileNotFoundError as error:  # no class sub-directory, or a class without images
+        raise ValueError(f"data directory '{path}': {error}") from None
+    if len(folder.classes) < 2:
+        raise ValueError(
+            f"data directory '{path}' has {len(folder.classes)} class ({', '.join(folder.classes)}); "
+            "a classifier needs at least two class sub-directories"
+        )
+    if len(folder) == 0:
+        raise ValueError(f"data directory '{path}' holds no images")
+    images = []
+    for i, (file, _) in enumerate(folder.samples):
+        try:
+            images.append(folder[i][0])
+        except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated files
+            raise ValueError(f"image file '{file}' cannot be read ({type(error).__name__}: {error})") from None
+    return torch.stack(images), torch.tensor(folder.targets), list(folder.classes)

@@ -26,6 +26,7 @@ from actcomp.memory import format_bytes, measure
 from actcomp.memory.plan import Plan, plan
 from actcomp.models import TinyMobileNet
 from actcomp.text import aligned_table
+from actcomp.torch_device import torch_device
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,22 @@ class Task:
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
+    device: torch.device = torch.device("cpu")  # where the model and every batch are
 
 
-def _batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator):
+def _batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, device: torch.device):
     order = torch.randperm(len(y), generator=generator)
     for start in range(0, len(y), batch_size):
         index = order[start : start + batch_size]
-        yield x[index], y[index]
+        yield x[index].to(device), y[index].to(device)
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, seed: int, desc: str, progress: bool) -> list[float]:
-    """Adam on the trainable parameters; returns the time of every step in ms."""
+def train(
+    model: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, seed: int, desc: str, progress: bool,
+    device: torch.device = torch.device("cpu"),
+) -> list[float]:
+    """Adam on the trainable parameters of ``model`` (already on ``device``; batches are moved
+    there); returns the time of every step in ms."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
@@ -68,39 +74,46 @@ def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, 
     steps = epochs * ((len(y) + batch_size - 1) // batch_size)
     with tqdm(total=steps, desc=desc, leave=False, disable=not progress) as bar:
         for _ in range(epochs):
-            for xb, yb in _batches(x, y, batch_size, generator):
+            for xb, yb in _batches(x, y, batch_size, generator, device):
                 start = time.perf_counter()
                 optimizer.zero_grad()
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
                 optimizer.step()
+                value = loss.item()  # the host sync ends the step on an asynchronous device
                 step_ms.append((time.perf_counter() - start) * 1e3)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{value:.3f}")
                 bar.update()
     return step_ms
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Fraction of ``x`` classified as ``y``, on the device of the model's parameters."""
+    device = next(model.parameters()).device
     model.eval()
-    result = float((model(x).argmax(1) == y).float().mean())
+    result = float((model(x.to(device)).argmax(1) == y.to(device)).float().mean())
     model.train()
     return result
 
 
-def make_task(pretrain_epochs: int = 6, batch_size: int = 64, seed: int = 0, progress: bool = True) -> Task:
-    """Pretrain a TinyMobileNet on digits 0-4 and give it a fresh head for digits 5-9."""
+def make_task(
+    pretrain_epochs: int = 6, batch_size: int = 64, seed: int = 0, progress: bool = True, device: str | torch.device | None = None
+) -> Task:
+    """Pretrain a TinyMobileNet on digits 0-4 on the torch ``device`` (default CPU) and give it
+    a fresh head for digits 5-9."""
+    device = torch_device(device)
     torch.manual_seed(seed)
     source_x, source_y = digits(classes=(0, 1, 2, 3, 4))
     train_x, train_y, test_x, test_y = split(*digits(classes=(5, 6, 7, 8, 9)), test_fraction=0.3, seed=seed)
-    base = TinyMobileNet(num_classes=5)
-    train(base, source_x, source_y, pretrain_epochs, batch_size, 3e-3, seed, "pretrain on digits 0-4", progress)
+    base = TinyMobileNet(num_classes=5).to(device)
+    train(base, source_x, source_y, pretrain_epochs, batch_size, 3e-3, seed, "pretrain on digits 0-4", progress, device)
     base.classifier.reset_parameters()
-    return Task(base, train_x, train_y, test_x, test_y)
+    return Task(base, train_x, train_y, test_x, test_y, device)
 
 
 def last_layers(task: Task, count: int) -> list[str]:
-    return select_layers(task.base, f"last:{count}", sample=task.train_x[:1])
+    return select_layers(task.base, f"last:{count}", sample=task.train_x[:1].to(task.device))
 
 
 def finetune_copy(task: Task, names: list[str], config: CompressionConfig | Plan, epochs: int, batch_size: int, seed: int, progress: bool) -> tuple[nn.Module, list[float]]:
@@ -117,7 +130,7 @@ def finetune_copy(task: Task, names: list[str], config: CompressionConfig | Plan
             modules[name].requires_grad_(True)
         compress(model, names, config=config)
         label = config.method
-    step_ms = train(model, task.train_x, task.train_y, epochs, batch_size, 3e-3, seed, f"fine-tune 5-9 ({label})", progress)
+    step_ms = train(model, task.train_x, task.train_y, epochs, batch_size, 3e-3, seed, f"fine-tune 5-9 ({label})", progress, task.device)
     return model, step_ms
 
 
@@ -130,13 +143,15 @@ def run_demo(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[list[DemoRow], Plan]:
     """Pretrain on digits 0-4, fine-tune the last ``layers`` layers on 5-9: plain, HOSVD at
     ``eps``, and HOSVD with the eps per layer that :func:`plan` picks for ``budget`` (bytes
-    autograd keeps in a step). Everything is seeded. Returns the rows and the plan."""
-    task = make_task(pretrain_epochs, batch_size, seed, progress)
+    autograd keeps in a step), all on the torch ``device`` (default CPU; the peak is then the
+    device allocator's). Everything is seeded. Returns the rows and the plan."""
+    task = make_task(pretrain_epochs, batch_size, seed, progress, device)
     names = last_layers(task, layers)
-    calib = [(task.train_x[:batch_size], task.train_y[:batch_size])]
+    calib = [(task.train_x[:batch_size].to(task.device), task.train_y[:batch_size].to(task.device))]
     chosen = plan(task.base, calib, budget=budget, candidates=names, loss_fn=nn.functional.cross_entropy)
     runs = [
         ("none", CompressionConfig("none"), "1"),
@@ -146,7 +161,7 @@ def run_demo(
     rows = []
     for method, config, eps_text in runs:
         model, step_ms = finetune_copy(task, names, config, finetune_epochs, batch_size, seed, progress)
-        report = measure(model, task.train_x[:batch_size], task.train_y[:batch_size], nn.functional.cross_entropy, vanilla=False)
+        report = measure(model, *calib[0], nn.functional.cross_entropy, vanilla=False)
         trained = sum(1 for m in dict(model.named_modules()).values() if any(p.requires_grad for p in m.parameters(recurse=False)))
         rows.append(
             DemoRow(

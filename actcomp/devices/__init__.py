@@ -3,11 +3,14 @@
 Each profile gives RAM, flash, a reserve for the runtime/OS, and a peak compute figure with
 its precision and source. ``budget_bytes`` (RAM minus the reserve) is what a fine-tuning step
 may use. Built-in profiles live in ``actcomp/devices/profiles/``; a user's own file loads with
-``load_device("path/to/board.toml")``.
+``load_device("path/to/board.toml")``. A profile is checked field by field: byte counts are
+whole numbers up to MAX_BYTES, the peak a finite number up to MAX_OPS_PER_S, strings printable
+(no terminal escape codes); errors name the file and the field.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,6 +22,8 @@ else:  # pragma: no cover - Python 3.10
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 KINDS = ("mcu", "sbc", "edge-gpu")
+MAX_BYTES = 2**50  # 1 PiB: far above any edge device; larger figures are typing errors
+MAX_OPS_PER_S = 1e18  # one exa-operation per second
 
 
 @dataclass(frozen=True)
@@ -56,14 +61,14 @@ def parse_device(data: dict, where: str = "<dict>") -> DeviceProfile:
             raise ValueError(f"device file '{where}': missing field '{f.name}'")
         value = data[f.name]
         if f.type == "int":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _field_error(where, f.name, "a whole number of bytes >= 0", value)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BYTES:
+                raise _field_error(where, f.name, f"a whole number of bytes from 0 to {MAX_BYTES} (1 PiB)", value)
         elif f.type == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise _field_error(where, f.name, "a positive number", value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 < value <= MAX_OPS_PER_S):
+                raise _field_error(where, f.name, f"a positive finite number up to {MAX_OPS_PER_S:g}", value)
             value = float(value)
-        elif not isinstance(value, str) or not value:
-            raise _field_error(where, f.name, "a non-empty string", value)
+        elif not isinstance(value, str) or not value or not value.isprintable():
+            raise _field_error(where, f.name, "a non-empty string of printable characters (no control codes)", value)
         values[f.name] = value
     unknown = sorted(set(data) - {f.name for f in fields(DeviceProfile)})
     if unknown:
@@ -78,10 +83,16 @@ def parse_device(data: dict, where: str = "<dict>") -> DeviceProfile:
 
 
 def _read(path: Path) -> DeviceProfile:
+    if not path.is_file():
+        raise ValueError(f"device file '{path}' is not a file")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"device file '{path}' cannot be read ({type(error).__name__}: {error})") from None
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"device file '{path}': not valid TOML ({error})") from None
+    except RecursionError:
+        raise ValueError(f"device file '{path}': not valid TOML (nested too deeply)") from None
     return parse_device(data, str(path))
 
 
