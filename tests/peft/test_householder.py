@@ -34,11 +34,11 @@ def test_sequential_is_the_product_of_reflection_matrices():
     assert rel_err(householder_sequential(v, torch.eye(6, dtype=torch.float64)), q) < 1e-14
 
 
-def test_each_block_is_identity_minus_y_t_y_transpose():
+def test_each_block_is_identity_minus_v_t_v_transpose():
     v = vectors(8, 6)
-    for j, (yt_rows, y_t) in enumerate(wy_blocks(v, 3)):
+    for j, (rows, v_t) in enumerate(wy_blocks(v, 3)):
         block = householder_sequential(v[3 * j : 3 * j + 3], torch.eye(6, dtype=torch.float64))
-        assert rel_err(torch.eye(6, dtype=torch.float64) - y_t @ yt_rows, block) < 1e-13
+        assert rel_err(torch.eye(6, dtype=torch.float64) - v_t @ rows, block) < 1e-13
     assert [b[0].shape[0] for b in wy_blocks(v, 3)] == [3, 3, 2]
 
 
