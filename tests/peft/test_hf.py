@@ -109,3 +109,17 @@ def test_gpt2_from_config_adapts_trains_and_merges():
     fresh = svd_adapt(transformers.GPT2LMHeadModel(config).eval(), "re:\\.(attn|mlp)\\.", reflections=4)
     fresh.load_state_dict(torch.load(buffer))
     assert torch.equal(fresh(ids).logits, adapted_logits)
+
+
+def test_conv1d_adapted_model_pickles():
+    from actcomp.peft import layers
+
+    torch.manual_seed(0)
+    model = svd_adapt(torch.nn.Sequential(Conv1D(6, 9), torch.nn.ReLU(), Conv1D(4, 6)), "all", reflections=2)
+    assert layers.SVDConv1D is type(model[0])  # importable by name, as pickle finds classes
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(3, 9)
+    assert type(loaded[2]) is type(model[2]) and torch.equal(loaded(x), model(x))
