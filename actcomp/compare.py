@@ -22,6 +22,7 @@ import torch
 from actcomp.config import CompressionConfig
 from actcomp.demo import Task, accuracy, finetune_copy, last_layers, make_task, train as train_model
 from actcomp.hooks import compress, select_layers, stats
+from actcomp.methods import method_class
 from actcomp.peft import svd_adapt
 
 DEFAULT_METHODS = ("none", "svd", "hosvd", "gradient_filter")
@@ -38,8 +39,8 @@ class ComparePoint:
 def variants(methods: tuple[str, ...], eps: float, patches: tuple[int, ...]) -> list[tuple[str, CompressionConfig]]:
     out = []
     for method in methods:
-        if method == "gradient_filter":
-            out += [(f"gradient_filter R{r}", CompressionConfig(method, eps, r)) for r in patches]
+        if "patch" in method_class(method).settings:
+            out += [(f"{method} R{r}", CompressionConfig(method, eps, r)) for r in patches]
         else:
             out.append((method, CompressionConfig(method, eps)))
     return out

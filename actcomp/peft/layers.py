@@ -90,8 +90,8 @@ class SVDWeight:
         """The current W in the base layer's layout (computed on each read; read-only)."""
         return self.base_layout(self.weight_matrix())
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.family_forward(x, self.family_weight(), self.bias)
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002  (named as nn.Linear / nn.Conv2d name it)
+        return self.family_forward(input, self.family_weight(), self.bias)
 
     def svd_repr(self) -> str:
         r = 0 if self.reflectors is None else self.reflectors.shape[0]
@@ -160,6 +160,9 @@ class _SVDConv1DMixin(SVDWeight):
 
     def family_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # Conv1D names its input x: keyword calls bind as they did
+        return SVDWeight.forward(self, x)
 
     def __repr__(self) -> str:  # Conv1D overrides __repr__, so extra_repr alone would not show
         return f"SVDConv1D(nf={self.nf}, nx={self.nx}, {self.svd_repr()})"
