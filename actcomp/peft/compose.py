@@ -33,4 +33,4 @@ def register(module_type: type[nn.Module]) -> None:
 
 for _cls in layers.svd_classes():
     register(_cls)
-layers._NEW_CLASS_HOOKS.append(register)
+layers.on_new_class(register)

@@ -32,6 +32,7 @@ read (writes to it are lost; the parameters are ``s`` and ``reflectors``).
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -192,8 +193,13 @@ def svd_conv1d_class() -> type[nn.Module]:
     return cls
 
 
-# Called with each class made on demand (SVDConv1D), so that registries learn of it.
-_NEW_CLASS_HOOKS: list = []
+_NEW_CLASS_HOOKS: list[Callable[[type[nn.Module]], None]] = []
+
+
+def on_new_class(hook: Callable[[type[nn.Module]], None]) -> None:
+    """Call ``hook(cls)`` for every SVD class made from now on (SVDConv1D is made on first use),
+    so that a registry learns of it."""
+    _NEW_CLASS_HOOKS.append(hook)
 
 
 def svd_class_for(module_type: type[nn.Module]) -> type[nn.Module] | None:
@@ -207,6 +213,7 @@ def svd_class_for(module_type: type[nn.Module]) -> type[nn.Module] | None:
 
 
 def adaptable_type_names() -> tuple[str, ...]:
+    """Names of the adaptable layer types, for messages."""
     return ("Conv1D (transformers)", "Conv2d", "Linear")
 
 
@@ -223,8 +230,4 @@ def __getattr__(name: str) -> type[nn.Module]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def is_svd_layer(module: nn.Module) -> bool:
-    return isinstance(module, SVDWeight)
-
-
-__all__ = ["SIDES", "SVDConv2d", "SVDLinear", "SVDWeight", "svd_class_for", "svd_classes", "svd_conv1d_class"]
+__all__ = ["SIDES", "SVDConv2d", "SVDLinear", "SVDWeight", "on_new_class", "svd_class_for", "svd_classes", "svd_conv1d_class"]
