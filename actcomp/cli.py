@@ -146,11 +146,33 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_peft(args: argparse.Namespace) -> int:
+    from actcomp.compare import format_peft_table, run_peft_compare, write_csv
+    from actcomp.plots import plot_compare
+
+    CompressionConfig("hosvd", args.eps)
+    if args.max_layers < 1:
+        raise ValueError(f"--max-layers must be at least 1, got {args.max_layers}")
+    if args.reflections < 2 or args.reflections % 2:
+        raise ValueError(f"--reflections must be a positive even number (they start in equal pairs), got {args.reflections}")
+    points = run_peft_compare(
+        max_layers=args.max_layers, reflections=args.reflections, eps=args.eps, lr=args.lr, pretrain_epochs=args.pretrain_epochs,
+        finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    print(format_peft_table(points))
+    title = "SVD-parametrised vs plain fine-tuning (labels: layers fine-tuned)"
+    print(f"wrote {write_csv(points, out / 'peft.csv')}, {plot_compare(points, out / 'peft.png', title)}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from actcomp.compare import run_compare, write_csv
     from actcomp.plots import plot_compare
 
-    _resolve_devices(args)
+    _resolve_devices(args, cpu_only=args.peft)
+    if args.peft:
+        return _compare_peft(args)
     methods = tuple(m.strip() for m in args.methods.split(","))
     try:
         patches = tuple(int(p) for p in args.patches.split(","))
@@ -341,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="actcomp-compare", help="directory for compare.png and compare.csv")
     compare.add_argument("--device", metavar="TORCH_DEVICE", help="torch device to train on: cpu (default), cuda, cuda:N, mps")
     compare.add_argument("--no-progress", action="store_true")
+    compare.add_argument("--peft", action="store_true", help="instead: SVD-parametrised fine-tuning (actcomp.peft) vs full and last-N; peft.csv, peft.png")
+    compare.add_argument("--reflections", type=int, default=8, help="--peft: Householder reflections per layer (default 8)")
+    compare.add_argument("--lr", type=float, default=3e-3, help="--peft: Adam learning rate of every run (default 3e-3, the demo's)")
     compare.set_defaults(run=_compare)
 
     export = sub.add_parser(

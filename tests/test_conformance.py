@@ -12,12 +12,15 @@ each method a row saying what it promises. For every pair, in float64 against pl
 
 Adding a layer type means one ``register_layer`` call and one entry in ``LAYER_ROWS``; adding
 a method one file in actcomp/methods and one entry in ``METHOD_ROWS``. The first two tests fail
-until the rows exist.
+until the rows exist. A layer whose weight is computed (actcomp.peft's SVD-parametrised layers:
+W from s and reflection vectors) is checked on the parameters W is computed from, and its
+weight side (W, and what computing W keeps) is counted apart from the factors.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 
 import pytest
@@ -28,6 +31,7 @@ from torch import nn
 import actcomp
 from actcomp.kernels import _REGISTRY, registration_for
 from actcomp.methods import method_class
+from actcomp.peft import svd_adapt, svd_conv1d_class
 from conftest import rel_err
 
 
@@ -61,6 +65,36 @@ LAYER_ROWS = {
         ("depthwise-replicate", lambda: nn.Conv3d(4, 4, 3, padding=1, groups=4, padding_mode="replicate"), (3, 4, 5, 5, 5)),
     ],
 }
+
+
+
+def svd(factory, **settings):
+    """The layer SVD-parametrised (actcomp.peft), its reflection vectors moved off Q = I."""
+
+    def make():
+        layer = svd_adapt(nn.Sequential(factory()), "all", **settings)[0]
+        if layer.reflectors is not None:
+            with torch.no_grad():
+                layer.reflectors.add_(0.3 * torch.randn_like(layer.reflectors))
+        return layer
+
+    return make
+
+
+LAYER_ROWS[type(svd(lambda: nn.Linear(2, 2), train="s")())] = [
+    ("s+q-tokens", svd(lambda: nn.Linear(7, 5), reflections=4), (3, 4, 7)),
+    ("s-no-bias", svd(lambda: nn.Linear(7, 5, bias=False), train="s"), (9, 7)),
+]
+LAYER_ROWS[type(svd(lambda: nn.Conv2d(1, 1, 1), train="s")())] = [
+    ("s+q-in-depthwise-strided", svd(lambda: nn.Conv2d(6, 6, 3, 2, 1, groups=6), reflections=4, side="in"), (5, 6, 8, 8)),
+    ("s+q-reflect", svd(lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), reflections=4), (5, 4, 8, 8)),
+]
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is optional: without it no SVDConv1D is registered
+    Conv1D = None
+if Conv1D is not None:
+    LAYER_ROWS[svd_conv1d_class()] = [("s+q-tokens", svd(lambda: Conv1D(5, 7), reflections=4), (3, 4, 7))]
 
 # method -> the eps used below 1 (None: the method has no eps) and the config at that setting
 METHOD_ROWS = {
@@ -98,17 +132,35 @@ def make(case):
     return layer, smooth(shape).requires_grad_()
 
 
+def weight_params(layer):
+    """What the weight is: the weight parameter, or the parameters a computed weight is computed
+    from (an SVD-parametrised layer's s and reflection vectors): every parameter but the bias."""
+    return [p for name, p in layer.named_parameters() if name != "bias"]
+
+
 def grads(layer, x, dy=None):
+    """(y, [dX, d(each weight parameter)..., db if there is a bias], dY)."""
     layer.zero_grad()
     x.grad = None
     y = layer(x)
     if dy is None:
         dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
     y.backward(dy)
-    out = [x.grad.clone(), layer.weight.grad.clone()]
+    out = [x.grad.clone(), *(p.grad.clone() for p in weight_params(layer))]
     if layer.bias is not None:
         out.append(layer.bias.grad.clone())
     return y.detach(), out, dy
+
+
+def weight_side_bytes(layer):
+    """(what computing the weight keeps, the weight's bytes) for a computed weight; (0, 0) for a
+    weight parameter, which count_saved leaves out."""
+    weight, _ = registration_for(type(layer)).params(layer)
+    if any(weight is p for p in layer.parameters()):
+        return 0, 0
+    with actcomp.count_saved(layer) as saved:
+        weight, _ = registration_for(type(layer)).params(layer)
+    return saved.saved_bytes, weight.numel() * weight.element_size()
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -143,10 +195,11 @@ def test_eps_below_one_equals_autograd_on_reconstruction(case, method):
         with actcomp.suspended(layer):
             _, on_reconstruction, _ = grads(layer, x_hat.clone().requires_grad_(), dy)
             _, exact, _ = grads(layer, x, dy)
-        assert rel_err(ours[1], on_reconstruction[1]) < 1e-10  # dW from the factors
+        for k in range(1, 1 + len(weight_params(layer))):
+            assert rel_err(ours[k], on_reconstruction[k]) < 1e-10  # dW from the factors
         assert rel_err(ours[0], exact[0]) < 1e-10  # dX exact from the weight
         if layer.bias is not None:
-            assert rel_err(ours[2], exact[2]) < 1e-10  # db exact
+            assert rel_err(ours[-1], exact[-1]) < 1e-10  # db exact
         x = (x.detach() * 1.01).requires_grad_()
 
 
@@ -156,7 +209,8 @@ def test_eps_below_one_equals_autograd_on_reconstruction(case, method):
 def test_saved_bytes_are_the_factors_bytes(case, method, frozen):
     layer, x = make(case)
     x = x.detach()  # an input that needs no gradient: the layer's own saved tensors only
-    layer.weight.requires_grad_(not frozen)
+    for p in weight_params(layer):
+        p.requires_grad_(not frozen)
     actcomp.compress(layer, config=config_of(method))
     with actcomp.count_saved(layer) as saved:
         y = layer(x)
@@ -166,7 +220,12 @@ def test_saved_bytes_are_the_factors_bytes(case, method, frozen):
         # padding, the input for a trained bias); the stats report the input when W trains
         assert kept == (0 if frozen else x.numel() * x.element_size())
         return
-    assert saved.saved_bytes == kept
+    computing_weight, weight = weight_side_bytes(layer)  # both 0 for a weight parameter
+    if weight and method == "gradient_filter" and module_has_no_space(layer):
+        # a computed weight run by plain autograd (the layer's own forward): it keeps what it keeps
+        assert kept == (0 if frozen else x.numel() * x.element_size())
+        return
+    assert saved.saved_bytes == kept + computing_weight + (weight if y.requires_grad else 0)  # no graph: nothing kept
     if frozen:
         assert kept == 0
     elif method == "none" or (method == "gradient_filter" and module_has_no_space(layer)):
@@ -177,18 +236,20 @@ def test_saved_bytes_are_the_factors_bytes(case, method, frozen):
 
 
 def module_has_no_space(layer):
-    return isinstance(layer, nn.Linear)
+    return registration_for(type(layer)).family.name == "linear"
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_keyword_call_runs_the_kernel(case):
     layer, x = make(case)
     reference = copy.deepcopy(layer)
+    name = list(inspect.signature(type(layer).forward).parameters)[1]  # "input"; HF Conv1D: "x"
+    computing_weight, weight = weight_side_bytes(layer)
     actcomp.compress(layer, eps=0.9)
     state = actcomp.layer_state(layer)
     with actcomp.count_saved(layer) as saved:
-        y = layer(input=x)
-    assert state.runs == 1 and saved.saved_bytes == state.last.kept_bytes < x.numel() * 8
+        y = layer(**{name: x})
+    assert state.runs == 1 and saved.saved_bytes - computing_weight - weight == state.last.kept_bytes < x.numel() * 8
     assert torch.equal(y, reference(x))
 
 
