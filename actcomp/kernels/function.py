@@ -112,16 +112,18 @@ def run_layer(registration: Registration, module: nn.Module, x: Tensor, state: A
     """
     family = registration.family
     assert family is not None
-    weight, bias = registration.params(module)
     geometry = family.geometry(module)
     given = x
     x, added = family.batch(module, x)
     layout = family.layout(geometry, x)
     compressor: Compressor = state.compressor
     if compressor.runs_plain(layout):
-        state.record(x, (), x.numel() * x.element_size() if weight.requires_grad else 0)
+        # plain autograd keeps x for dW: when a parameter other than the bias trains
+        trained = any(p.requires_grad for n, p in module.named_parameters(recurse=False) if n != "bias")
+        state.record(x, (), x.numel() * x.element_size() if trained else 0)
         return base_type(module).forward(module, given)
     else:
+        weight, bias = registration.params(module)  # may be computed (a parametrised weight): once
         dtype = autocast_dtype(x)
         x = cast(x, dtype)
         with torch.autocast(x.device.type, enabled=False):

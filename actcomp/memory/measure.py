@@ -57,7 +57,8 @@ class MemoryReport:
     ``rows``. ``peak_bytes``: allocator high-water mark of forward+backward above the baseline
     (includes gradients, the decomposition's transient workspace and every temporary).
     ``weights_bytes``, ``grads_bytes`` (trainable parameters), ``optimizer_state_bytes`` (0
-    without an optimizer). ``vanilla_*``: the same step with compression removed.
+    without an optimizer). ``vanilla_*``: the same step with compression suspended.
+    ``forward_peak_bytes``: the peak of the same forward without gradients.
     """
 
     device: str
@@ -70,7 +71,17 @@ class MemoryReport:
     optimizer_state_bytes: int
     vanilla_saved_bytes: int | None = None
     vanilla_peak_bytes: int | None = None
+    forward_peak_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_set_by_forward(self) -> bool | None:
+        """True when the step's peak is within 10% of a forward without gradients: then the
+        peak comes from the forward (frozen layers, transient outputs), not from what backward
+        keeps, and compressing more will not lower it. None without both peaks."""
+        if self.peak_bytes is None or self.forward_peak_bytes is None:
+            return None
+        return self.peak_bytes <= 1.1 * self.forward_peak_bytes
 
     @property
     def step_bytes(self) -> int:
@@ -81,6 +92,7 @@ class MemoryReport:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["step_bytes"] = self.step_bytes
+        out["peak_set_by_forward"] = self.peak_set_by_forward
         for row, data in zip(self.rows, out["rows"]):
             data["ratio"] = row.ratio
         return out
@@ -107,6 +119,8 @@ class MemoryReport:
         summary = f"peak {peak} ({self.peak_source})"
         if self.vanilla_peak_bytes is not None:
             summary += f", plain {format_bytes(self.vanilla_peak_bytes)}"
+        if self.forward_peak_bytes is not None:
+            summary += f", forward alone {format_bytes(self.forward_peak_bytes)}"
         text.append(
             f"{summary}; weights {format_bytes(self.weights_bytes)}, grads {format_bytes(self.grads_bytes)}, "
             f"optimizer state {format_bytes(self.optimizer_state_bytes)}, step total {format_bytes(self.step_bytes)}"
@@ -265,30 +279,47 @@ def _one_step(model: nn.Module, inputs: object, targets: object, loss_fn: Callab
 
     for p in model.parameters():
         p.grad = None
-    peak: int | None
+
+    def step() -> None:
+        attribution.run(forward).backward()
+
+    peak, source = _peak_of(step, device)
+    for p, grad in saved_grads.items():
+        p.grad = grad
+    return attribution.per_module, attribution.policies, peak, source
+
+
+def _peak_of(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str]:
+    """The allocator's high-water mark while ``fn`` runs, above what was allocated before,
+    and where the figure comes from (CUDA allocator; CPU profiler allocation events)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        loss = attribution.run(forward)
-        loss.backward()
+        fn()
         torch.cuda.synchronize(device)
-        peak, source = torch.cuda.max_memory_allocated(device) - baseline, "cuda allocator"
-    else:
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        return torch.cuda.max_memory_allocated(device) - baseline, "cuda allocator"
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_native_stderr():
+        prof.__enter__()
+    try:
+        fn()
+    finally:
         with _quiet_native_stderr():
-            prof.__enter__()
-        try:
-            loss = attribution.run(forward)
-            loss.backward()
-        finally:
-            with _quiet_native_stderr():
-                prof.__exit__(None, None, None)
-        peak = _cpu_allocation_peak(prof)
-        source = "cpu profiler allocation events" if peak is not None else "unavailable on cpu (only saved bytes)"
-    for p, grad in saved_grads.items():
-        p.grad = grad
-    return attribution.per_module, attribution.policies, peak, source
+            prof.__exit__(None, None, None)
+    peak = _cpu_allocation_peak(prof)
+    return peak, "cpu profiler allocation events" if peak is not None else "unavailable on cpu (only saved bytes)"
+
+
+def _forward_peak(model: nn.Module, inputs: object, device: torch.device) -> int | None:
+    """The peak of the same forward without gradients: what the step would peak at if backward
+    kept nothing (frozen layers' activations, each layer's output before the next one)."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+    return _peak_of(forward, device)[0]
 
 
 def _ran(module: nn.Module) -> bool:
@@ -330,6 +361,7 @@ def measure(
     kinds.update({name: "neighbour" for name, m in model.named_modules() if isinstance(layer_state(m), NeighbourState)})
     modules = dict(model.named_modules())
     per_module, policies, peak, source = _one_step(model, inputs, targets, loss_fn, device)
+    forward_peak = _forward_peak(model, inputs, device) if peak is not None else None
     vanilla_per_module, vanilla_peak = None, None
     if vanilla:
         with suspended(model):  # plain autograd; settings, stats and asi's subspaces stay as they are
@@ -352,6 +384,12 @@ def measure(
     notes = []
     if device.type == "cpu" and peak is not None:
         notes.append("cpu peak from profiler allocation events: includes every temporary of forward+backward")
+    if peak is not None and forward_peak is not None and peak <= 1.1 * forward_peak:
+        notes.append(
+            f"the peak is set by the forward, not by what backward keeps: a forward without gradients already "
+            f"peaks at {format_bytes(forward_peak)} (activations of layers that are not trained, each layer's output "
+            "before the next consumes it); compressing more layers will not lower it, a smaller batch or input will"
+        )
     return MemoryReport(
         device=str(device),
         rows=rows,
@@ -363,5 +401,6 @@ def measure(
         optimizer_state_bytes=_optimizer_state_bytes(optimizer),
         vanilla_saved_bytes=sum(vanilla_per_module.values()) if vanilla_per_module is not None else None,
         vanilla_peak_bytes=vanilla_peak,
+        forward_peak_bytes=forward_peak,
         notes=notes,
     )

@@ -239,12 +239,23 @@ def _layer_grad(module: nn.Module, x: Tensor, dy: Tensor, config: CompressionCon
     it keeps for backward and the weight gradient it computes for the output gradient dy."""
     layer = copy.deepcopy(module)
     restore(layer)
+    weights = _weights(layer)
     layer.requires_grad_(False)
-    layer.weight.requires_grad_(True)
+    for w in weights:
+        w.requires_grad_(True)
     compress(layer, [""], config=config)
     layer.train()
-    (grad,) = torch.autograd.grad(layer(x), layer.weight, dy)
-    return stats(layer)[""].kept_bytes, grad
+    grads = torch.autograd.grad(layer(x), weights, dy)
+    return stats(layer)[""].kept_bytes, torch.cat([g.reshape(-1) for g in grads])
+
+
+def _weights(module: nn.Module) -> list[nn.Parameter]:
+    """What training a candidate means: its ``weight`` parameter, or for a layer whose weight
+    is computed (an SVD-parametrised layer) every own parameter but the bias."""
+    weight = module._parameters.get("weight")
+    if weight is not None:
+        return [weight]
+    return [p for n, p in module.named_parameters(recurse=False) if n != "bias"]
 
 
 @dataclass(frozen=True)
@@ -337,7 +348,8 @@ def _candidates(model: nn.Module, batches: list[object], candidates: LayerSelect
     modules = dict(work.named_modules())
     work.requires_grad_(False)
     for n in names:
-        modules[n].weight.requires_grad_(True)
+        for w in _weights(modules[n]):
+            w.requires_grad_(True)
     tradeable = [
         n for n in order
         if isinstance(modules[n], _TRADEABLE) and (modules[n].training or modules[n].running_mean is None)
@@ -398,7 +410,8 @@ def _suffix_overheads(c: _Candidates, batches: list[object], method: str, eps: f
         trial.requires_grad_(False)
         trial_modules = dict(trial.named_modules())
         for n in c.names[s:]:
-            trial_modules[n].weight.requires_grad_(True)
+            for w in _weights(trial_modules[n]):
+                w.requires_grad_(True)
         compress(trial, c.names[s:], method=method, eps=eps, neighbours=Neighbours(batchnorm="keep"))
         tradeable = set(c.tradeable_after(s))
         worst, plain = 0, {n: 0 for n in tradeable}

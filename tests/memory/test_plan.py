@@ -194,3 +194,18 @@ def test_batchnorm_policies_are_chosen_by_the_budget(tmp_path):
     tight.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == tight
     assert "(neighbour)" in tight.table()
+
+
+def test_plan_on_svd_adapted_layers():
+    """A layer whose weight is computed (actcomp.peft) is planned on the parameters its weight
+    comes from; the applied plan keeps what it predicts."""
+    from actcomp.peft import svd_adapt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    svd_adapt(model, ["2", "4"], reflections=4)
+    batch = (torch.randn(32, 12).cumsum(0) / 6, torch.randint(0, 4, (32,)))
+    p = plan(model, [batch], budget=10**9, loss_fn=LOSS, candidates=["2", "4"])
+    assert [c.train for c in p.choices] == [True, True]
+    applied = p.apply(copy.deepcopy(model))
+    assert measured_saved_bytes(applied, batch) == p.predicted_saved_bytes
