@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root first, so that this checkout's actcomp is measured (not an installed one).
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import actcomp  # noqa: E402
 from common import interleaved_medians, machine, markdown_table, publish  # noqa: E402
 

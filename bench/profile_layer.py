@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root first, so that this checkout's actcomp is measured (not an installed one).
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import actcomp  # noqa: E402
 from layers import SHAPES, smooth_input  # noqa: E402
 
