@@ -16,7 +16,7 @@ tensors in the input's dtype, decompose finite inputs whose squares overflow by 
 a power of two (exact), raise NonFiniteActivationError on NaN/Inf, and run the host's LAPACK
 calls on one thread. On an accelerator they synchronise with the host once per mode for
 ``hosvd``, once per call for ``truncated_svd`` and once per step for ``tracked_hosvd`` (twice
-on a step that recomputes a tracked mode).
+on a step that recomputes a tracked mode); :mod:`actcomp.syncfree` never does in its steady state.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 from numbers import Real
 
 import torch
@@ -273,7 +273,7 @@ def _slice_gram(v: Tensor) -> Tensor:
     return gram
 
 
-def _leading_subspace(gram: Tensor, eps: float) -> Tensor:
+def _leading_subspace(gram: Tensor, eps: float, host: Tensor | None = None) -> Tensor:
     """Orthonormal V (n x k) with trace(V^T G V) >= eps trace(G), k as small as found.
 
     Up to ``_EXACT_EIGH_MAX`` rows (and at eps = 1): the top-k eigenvectors of G, k the smallest
@@ -285,9 +285,11 @@ def _leading_subspace(gram: Tensor, eps: float) -> Tensor:
     largest first, are cut at the smallest k whose Ritz values (the exact energies of those
     orthonormal vectors) sum to eps trace(G). The guarantee is the same as the exact one's; k can
     exceed the optimal rank by the subspace's inaccuracy (3% on the benchmark's 500 x 500 Gram
-    matrix). Works on the host, one thread; the result goes to G's device.
+    matrix). Works on the host (``host``: G's host copy, if already made), one thread; the
+    result goes to G's device in a non-blocking copy.
     """
-    host = gram if gram.device.type == "cpu" else gram.cpu()
+    if host is None:
+        host = gram if gram.device.type == "cpu" else gram.cpu()
     n = host.shape[0]
     with _one_thread():
         if n <= _EXACT_EIGH_MAX or eps >= 1.0:
@@ -324,6 +326,25 @@ def _safe_energy(energy: float, dtype: torch.dtype) -> bool:
     return math.isfinite(energy) and info.tiny * 2.0**24 < energy < info.max / 64
 
 
+def _first_gram(x: Tensor, gram_of: Callable[[Tensor], Tensor]) -> tuple[Tensor, float, Tensor, Tensor]:
+    """(xc, scale, G, G's host copy) with G = gram_of(xc), xc = x in its compute dtype.
+
+    The trace of any Gram matrix of x is ||X||^2: NaN, Inf and overflowing sums of squares
+    show there at no extra pass over x, and the host copy (the one sync on an accelerator) is
+    needed anyway for the eigen-decomposition. If the trace is not safely inside the dtype's
+    range, x is checked and scaled by :func:`_finite_scaled` (raising NonFiniteActivationError
+    on NaN/Inf) and G formed again.
+    """
+    xc = x.detach().to(_compute_dtype(x))
+    gram = gram_of(xc)
+    host = gram if gram.device.type == "cpu" else gram.cpu()
+    if _safe_energy(float(host.diagonal().sum()), xc.dtype):
+        return xc, 1.0, gram, host
+    xc, scale = _finite_scaled(x)
+    gram = gram_of(xc)
+    return xc, scale, gram, gram if gram.device.type == "cpu" else gram.cpu()
+
+
 @torch.no_grad()
 def hosvd(x: Tensor, eps: float) -> Tucker:
     """Sequentially truncated higher-order SVD of x, each mode's rank from explained variance.
@@ -355,36 +376,26 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
     eps = check_eps(eps)
     if x.ndim < 1 or x.numel() == 0:
         raise ValueError(f"hosvd needs a non-empty tensor, got shape {tuple(x.shape)}")
-    xc, scale = x.detach().to(_compute_dtype(x)), 1.0
-    y, axes = xc, list(range(x.ndim))
+    order = truncation_order(x.shape)
+    axes = list(range(x.ndim))
+    first: list[_Unfolding] = []
+
+    def first_gram(t: Tensor) -> Tensor:
+        first[:] = [_Unfolding(t, axes, order[0])]
+        return first[0].gram()
+
+    xc, scale, gram, host = _first_gram(x, first_gram)
+    y = xc
     factors: list[Tensor] = [xc] * x.ndim
-    for step, mode in enumerate(truncation_order(x.shape)):
-        unfolding = _Unfolding(y, axes, mode)
-        gram = unfolding.gram()
-        if step == 0:  # the trace is ||X||^2: NaN, Inf and overflow show here, at no extra pass
-            gram = gram if gram.device.type == "cpu" else gram.cpu()
-            if not _safe_energy(float(gram.diagonal().sum()), xc.dtype):
-                xc, scale = _finite_scaled(x)  # raises on NaN / Inf
-                y = xc
-                unfolding = _Unfolding(y, axes, mode)
-                gram = unfolding.gram()
-        u = unfolding.factor(_leading_subspace(gram, eps).to(xc.device))
+    for step, mode in enumerate(order):
+        unfolding = first[0] if step == 0 else _Unfolding(y, axes, mode)
+        if step > 0:
+            gram, host = unfolding.gram(), None
+        u = unfolding.factor(_leading_subspace(gram, eps, host))
         y, axes = unfolding.project(u)
         factors[mode] = u
     core = _unscaled(y.permute([axes.index(n) for n in range(x.ndim)]), scale)
     return Tucker(_own(core, x.dtype), tuple(_own(u, x.dtype) for u in factors))
-
-
-def _top_eigenvectors(grams: list[Tensor], eps: float) -> list[Tensor]:
-    """Top eigenvectors of each Gram matrix by explained variance (one host copy of all of them
-    on an accelerator: the one sync), as eigenvalues largest first are cut by :func:`_rank_tensor`."""
-    if grams[0].device.type != "cpu":
-        return _to_device(_top_eigenvectors(_to_host(grams, grams[0].dtype), eps), grams[0])
-    out = []
-    for g in grams:
-        vectors, k = _eigen_desc(g, eps)
-        out.append(vectors[:, :k])
-    return out
 
 
 def _eigen_desc(gram: Tensor, eps: float) -> tuple[Tensor, int]:
@@ -422,6 +433,10 @@ def _mode_factor(x: Tensor, mode: int, vectors: Tensor) -> Tensor:
     return vectors
 
 
+def _svd_gram(m: Tensor, wide: bool) -> Tensor:
+    return m.T @ m if wide else m @ m.T
+
+
 @torch.no_grad()
 def truncated_svd(x: Tensor, eps: float) -> LowRank:
     """Rank-k truncated SVD of the mode-0 unfolding ``X_(0)`` (I_0 x rest) of x.
@@ -431,20 +446,22 @@ def truncated_svd(x: Tensor, eps: float) -> LowRank:
     eigenvectors of X_(0) X_(0)^T and ``left = U``, ``right = U^T X_(0)``; otherwise V holds
     those of X_(0)^T X_(0) and ``left = X_(0) V``, ``right = V^T``. Either way
     ``left @ right = U_k S_k V_k^T``. ``right`` keeps x's trailing shape: (k, *x.shape[1:]).
-    Finite inputs whose squares would overflow are scaled as in :func:`hosvd`; NaN or Inf raise
-    NonFiniteActivationError.
+    A Gram matrix larger than 256 x 256 is decomposed as in :func:`hosvd` (randomized: the
+    same guarantee, k possibly a few percent above the optimal rank). Finite inputs whose
+    squares would overflow are scaled as in :func:`hosvd`; NaN or Inf raise
+    NonFiniteActivationError. One host sync on an accelerator.
     """
     eps = check_eps(eps)
     if x.ndim < 2 or x.numel() == 0:
         raise ValueError(f"truncated_svd needs a non-empty tensor of 2 or more dims, got {tuple(x.shape)}")
-    xc, scale = _finite_scaled(x)
+    wide = x.shape[0] > x.numel() // x.shape[0]
+    xc, scale, gram, host = _first_gram(x, lambda t: _svd_gram(t.reshape(x.shape[0], -1), wide))
     m = xc.reshape(x.shape[0], -1)
-    if m.shape[0] <= m.shape[1]:
-        (u,) = _top_eigenvectors([m @ m.T], eps)
-        left, right = u, _unscaled(u.T @ m, scale)
+    vectors = _leading_subspace(gram, eps, host)
+    if not wide:
+        left, right = vectors, _unscaled(vectors.T @ m, scale)
     else:
-        (v,) = _top_eigenvectors([m.T @ m], eps)
-        left, right = _unscaled(m @ v, scale), v.T
+        left, right = _unscaled(m @ vectors, scale), vectors.T
     k = left.shape[1]
     return LowRank(_own(left, x.dtype), _own(right.reshape(k, *x.shape[1:]), x.dtype))
 
