@@ -384,7 +384,8 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
         first[:] = [_Unfolding(t, axes, order[0])]
         return first[0].gram()
 
-    xc, scale, gram, host = _first_gram(x, first_gram)
+    with _threads_for(x):
+        xc, scale, gram, host = _first_gram(x, first_gram)
     y = xc
     factors: list[Tensor] = [xc] * x.ndim
     for step, mode in enumerate(order):
