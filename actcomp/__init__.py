@@ -12,8 +12,10 @@ from actcomp import decompose
 from actcomp.config import CompressionConfig, LayerStats
 from actcomp.decompose import explained_rank, hosvd, truncated_svd
 from actcomp.factors import LowRank, Tucker
-from actcomp.hooks import compress, compressed_layers, restore, stats
-from actcomp.kernels import register_kernel, supported_types
+from actcomp.hooks import compress, compressed_layers, layer_state, restore, stats, suspended
+from actcomp.kernels import LayerFamily, register_kernel, register_layer, supported_types
+from actcomp.methods import Compressor, InputLayout, method_names, register_method
+from actcomp.state import LayerState
 from actcomp.devices import DeviceProfile, list_devices, load_device
 from actcomp.memory import MemoryReport, SavedTensors, count_saved, measure
 from actcomp.memory.plan import LayerChoice, Plan, plan
@@ -22,6 +24,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressionConfig",
+    "Compressor",
+    "InputLayout",
+    "LayerFamily",
+    "LayerState",
+    "layer_state",
+    "method_names",
+    "register_layer",
+    "register_method",
+    "suspended",
     "DeviceProfile",
     "LayerChoice",
     "MemoryReport",

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from actcomp.config import METHODS, CompressionConfig
+from actcomp.config import CompressionConfig
+from actcomp.methods import method_names
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -182,7 +183,7 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--data", default="digits", help="'digits' (bundled, classes 5-9) or an ImageFolder directory")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--layers", default="last:4", help="last:N, all, re:<pattern> or comma-separated names (default last:4)")
-    p.add_argument("--method", default="hosvd", choices=[m for m in METHODS])
+    p.add_argument("--method", default="hosvd", choices=list(method_names()))
     p.add_argument("--eps", type=float, default=0.8, help="explained variance kept, in (0, 1] (default 0.8)")
     p.add_argument("--patch", type=int, default=4, help="gradient_filter patch size r (default 4)")
     p.add_argument("--budget", help="plan eps per layer for this many bytes kept by autograd (e.g. 512KiB)")

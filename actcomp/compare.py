@@ -15,6 +15,7 @@ from pathlib import Path
 from actcomp.config import CompressionConfig
 from actcomp.demo import accuracy, finetune_copy, last_layers, make_task
 from actcomp.hooks import stats
+from actcomp.methods import method_class
 
 DEFAULT_METHODS = ("none", "svd", "hosvd", "gradient_filter")
 
@@ -30,8 +31,8 @@ class ComparePoint:
 def variants(methods: tuple[str, ...], eps: float, patches: tuple[int, ...]) -> list[tuple[str, CompressionConfig]]:
     out = []
     for method in methods:
-        if method == "gradient_filter":
-            out += [(f"gradient_filter R{r}", CompressionConfig(method, eps, r)) for r in patches]
+        if "patch" in method_class(method).settings:
+            out += [(f"{method} R{r}", CompressionConfig(method, eps, r)) for r in patches]
         else:
             out.append((method, CompressionConfig(method, eps)))
     return out

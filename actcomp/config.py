@@ -6,9 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from actcomp.decompose import check_eps
-
-METHODS = ("hosvd", "asi", "svd", "gradient_filter", "none")
-
+from actcomp.methods import Compressor, method_class
 
 @dataclass(frozen=True)
 class CompressionConfig:
@@ -23,7 +21,8 @@ class CompressionConfig:
     baseline of Yang et al. (CVPR 2023): convolutions keep their input averaged over
     ``patch`` x ``patch`` regions and use an output gradient averaged over patches (eps
     unused; Linear layers stay exact); ``"none"`` runs plain autograd, for comparisons.
-    ``eps`` is in (0, 1]; at 1 the factors are exact.
+    ``eps`` is in (0, 1]; at 1 the factors are exact. Methods are a registry
+    (:mod:`actcomp.methods`): ``method`` may name any registered one.
     """
 
     method: str = "hosvd"
@@ -31,11 +30,14 @@ class CompressionConfig:
     patch: int = 4
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
+        method_class(self.method)  # ValueError naming the registered methods
         object.__setattr__(self, "eps", check_eps(self.eps))
         if isinstance(self.patch, bool) or not isinstance(self.patch, int) or self.patch < 1:
             raise ValueError(f"patch must be a whole number >= 1 (the gradient filter's r), got {self.patch!r}")
+
+    def compressor(self) -> Compressor:
+        """The method object these settings describe."""
+        return method_class(self.method)(self)
 
 
 @dataclass(frozen=True)

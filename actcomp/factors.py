@@ -1,8 +1,10 @@
 """The objects a compressed layer keeps for backward instead of its input.
 
-Both are plain, immutable containers of detached, contiguous tensors. They know their size in
-bytes (what autograd keeps) and how to rebuild the tensor they approximate (used by tests and
-by error measurements, never by the kernels' hot path).
+Each is a plain, immutable container of detached, contiguous tensors. It knows its size in
+bytes (what autograd keeps), how to rebuild the tensor it approximates (used by tests and by
+error measurements, never by the kernels' hot path), and how to be taken apart into tensors for
+``ctx.save_for_backward`` and put together again (:meth:`tensors`, :meth:`meta`,
+:meth:`from_tensors`). A layer family's kernel has one weight-gradient function per factor type.
 """
 
 from __future__ import annotations
@@ -13,13 +15,37 @@ import torch
 from torch import Tensor
 
 
-def _mode_product(x: Tensor, matrix: Tensor, mode: int) -> Tensor:
-    """x x_mode matrix: contract mode ``mode`` of x (size I) with the columns of ``matrix`` (J, I)."""
+def mode_product(x: Tensor, matrix: Tensor, mode: int) -> Tensor:
+    """The mode-n product ``x x_n M``: every mode-n fibre f of x (size I) becomes M f (size J).
+
+    ``matrix`` is (J, I); the result has x's shape with mode ``mode`` of size J. Tucker
+    reconstruction is ``S x_0 U_0 x_1 U_1 ...`` and projection onto a factor is ``x x_n U^T``.
+    """
     return torch.tensordot(matrix, x, dims=([1], [mode])).movedim(0, mode)
 
 
+class _Parts:
+    """Taking a factorisation apart for ``save_for_backward`` and putting it together again."""
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        """The non-tensor fields :meth:`from_tensors` needs besides the tensors."""
+        return {}
+
+    @classmethod
+    def from_tensors(cls, tensors: tuple[Tensor, ...], **meta: object):
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
 @dataclass(frozen=True)
-class LowRank:
+class LowRank(_Parts):
     """A matrix-unfolding factorisation ``X_(0) ~ left @ right``.
 
     ``left`` is (I_0, k) and ``right`` is (k, *shape[1:]): the tensor is approximated along its
@@ -39,13 +65,13 @@ class LowRank:
     def shape(self) -> torch.Size:
         return torch.Size((self.left.shape[0], *self.right.shape[1:]))
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the two factors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.left, self.right)
+
+    @classmethod
+    def from_tensors(cls, tensors: tuple[Tensor, ...], **meta: object) -> "LowRank":
+        left, right = tensors
+        return cls(left, right)
 
     def reconstruct(self) -> Tensor:
         """``left @ right`` reshaped to the original tensor's shape."""
@@ -56,7 +82,7 @@ class LowRank:
 
 
 @dataclass(frozen=True)
-class Tucker:
+class Tucker(_Parts):
     """A Tucker factorisation ``X ~ core x_0 U_0 x_1 U_1 ... x_{N-1} U_{N-1}``.
 
     ``core`` has shape (K_0, ..., K_{N-1}) and ``factors[n]`` is (I_n, K_n) with orthonormal
@@ -76,23 +102,62 @@ class Tucker:
     def shape(self) -> torch.Size:
         return torch.Size(int(u.shape[0]) for u in self.factors)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the core and the factor matrices."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.core, *self.factors)
+
+    @classmethod
+    def from_tensors(cls, tensors: tuple[Tensor, ...], **meta: object) -> "Tucker":
+        return cls(tensors[0], tuple(tensors[1:]))
 
     def reconstruct(self) -> Tensor:
         """``core x_0 U_0 x_1 U_1 ...``: the tensor the factors stand for."""
         x = self.core
         for mode, u in enumerate(self.factors):
-            x = _mode_product(x, u, mode)
+            x = mode_product(x, u, mode)
         return x.contiguous()
 
     def to(self, dtype: torch.dtype) -> "Tucker":
         return Tucker(self.core.to(dtype), tuple(u.to(dtype) for u in self.factors))
 
 
-Factors = LowRank | Tucker
+@dataclass(frozen=True)
+class PatchMeans(_Parts):
+    """A tensor (B, C, *spatial) averaged over non-overlapping regions of ``region`` elements
+    per spatial side (the last region of a side may be partial): what Gradient Filter keeps.
+
+    ``means`` is (B, C, *ceil(spatial / region)). It does not determine the tensor; the filter
+    assumes the tensor constant within each region (:meth:`reconstruct` repeats the means).
+    """
+
+    means: Tensor
+    region: tuple[int, ...]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.means.shape
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.means,)
+
+    def meta(self) -> dict:
+        return {"region": self.region}
+
+    @classmethod
+    def from_tensors(cls, tensors: tuple[Tensor, ...], **meta: object) -> "PatchMeans":
+        (means,) = tensors
+        return cls(means, tuple(meta["region"]))  # type: ignore[arg-type]
+
+    def reconstruct(self) -> Tensor:
+        """The means repeated over their regions (the filter's piecewise-constant input)."""
+        x = self.means
+        for d, r in enumerate(self.region):
+            x = x.repeat_interleave(r, dim=2 + d)
+        return x
+
+    def to(self, dtype: torch.dtype) -> "PatchMeans":
+        return PatchMeans(self.means.to(dtype), self.region)
+
+
+Factors = LowRank | Tucker | PatchMeans
+
+_mode_product = mode_product  # former private name, kept for code written against it

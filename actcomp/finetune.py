@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from actcomp.config import CompressionConfig
 from actcomp.data import digits, split
-from actcomp.hooks import compress, select_layers, stats
+from actcomp.hooks import compress, layer_state, select_layers, stats
 from actcomp.memory import count_saved
 from actcomp.memory.plan import Plan, plan
 from actcomp.models import TinyMobileNet
@@ -159,8 +159,9 @@ def prepare(config: FinetuneConfig, data: Dataset) -> tuple[nn.Module, Plan | No
     return model, None
 
 
-def _trackers(model: nn.Module) -> dict[str, object]:
-    return {n: m._actcomp_layer.tracker for n, m in model.named_modules() if getattr(getattr(m, "_actcomp_layer", None), "tracker", None) is not None}
+def _layer_states(model: nn.Module) -> dict[str, dict]:
+    """Every compressed layer's state as plain data (settings and asi's tracked subspaces)."""
+    return {n: s.state_dict() for n, m in model.named_modules() if (s := layer_state(m)) is not None}
 
 
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
@@ -212,8 +213,8 @@ def run_finetune(
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         modules = dict(model.named_modules())
-        for name, tracker in state["trackers"].items():
-            modules[name]._actcomp_layer.tracker = tracker
+        for name, layer_data in state["layers"].items():
+            layer_state(modules[name]).load_state_dict(layer_data)
         metrics, start_epoch = state["metrics"], state["epoch"]
     else:
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
@@ -253,7 +254,7 @@ def run_finetune(
         })
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "trackers": _trackers(model), "metrics": metrics, "epoch": epoch + 1,
+            "layers": _layer_states(model), "metrics": metrics, "epoch": epoch + 1,
         }
         torch.save(state, out / "checkpoint.tmp")
         os.replace(out / "checkpoint.tmp", checkpoint_path)  # atomic: a kill never leaves half a checkpoint

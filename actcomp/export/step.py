@@ -37,9 +37,12 @@ import torch._decomp
 from torch import Tensor, nn
 
 from actcomp.export.verify import check_against_eager, strip_metadata
-from actcomp.factors import _mode_product
+from actcomp.factors import LowRank, Tucker, mode_product
 from actcomp.hooks.swap import restore
 from actcomp.kernels import base_type
+from actcomp.kernels.conv import ConvGeometry, conv_bias_grad, tucker_weight_grad_by_convolution
+from actcomp.kernels.linear import linear_bias_grad
+from actcomp.kernels.linear import lowrank_weight_grad as linear_lowrank_weight_grad
 
 
 class _LowRankLinear(torch.autograd.Function):
@@ -59,8 +62,9 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         weight, left, basis = ctx.saved_tensors
-        grad_b = grad_out.sum(0) if ctx.has_bias else None
-        return grad_out @ weight, (grad_out.T @ left) @ basis.T, grad_b, None
+        grad_b = linear_bias_grad(grad_out) if ctx.has_bias else None
+        grad_w = linear_lowrank_weight_grad(LowRank(left, basis.T), grad_out)  # the runtime kernel's dW
+        return grad_out @ weight, grad_w, grad_b, None
 
 
 def subspace_step(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -135,66 +139,41 @@ def _mode_rows(x: Tensor, mode: int) -> Tensor:
     return x.movedim(mode, -1).reshape(-1, x.shape[mode])
 
 
-@dataclass(frozen=True)
-class _ConvSpec:
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-
-
 class _TuckerConv2d(torch.autograd.Function):
     """conv2d that keeps a Tucker factorisation (static ranks, masked factors) of its input.
 
-    Backward, all with exportable ops: dX by conv_transpose2d; dW from the factors: the batch
-    factor folded into dY, the spatial factors expanded through the zero padding, the channel
-    factor expanded, then the weight gradient of that K_B-sample pseudo-batch as a convolution
-    of the input by dY with stride and dilation swapped (channels as batch for dense convs,
-    one group per channel for depthwise ones).
+    Backward, all with exportable ops: dX by conv_transpose2d; dW from the factors by the conv
+    kernel's convolution-only route (:func:`actcomp.kernels.conv.tucker_weight_grad_by_convolution`).
     """
 
     @staticmethod
-    def forward(x, weight, bias, u_b, u_c, u_h, u_w, conv):  # type: ignore[override]
-        return torch.nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    def forward(x, weight, bias, u_b, u_c, u_h, u_w, geometry):  # type: ignore[override]
+        return geometry.conv(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, u_b, u_c, u_h, u_w, conv = inputs
+        x, weight, bias, u_b, u_c, u_h, u_w, geometry = inputs
         core = x
         for mode, u in enumerate((u_b, u_c, u_h, u_w)):
-            core = _mode_product(core, u.T, mode)
-        ctx.conv, ctx.input_shape, ctx.has_bias = conv, x.shape, bias is not None
+            core = mode_product(core, u.T, mode)
+        ctx.geometry, ctx.input_shape, ctx.has_bias = geometry, x.shape, bias is not None
         ctx.save_for_backward(weight, core, u_b, u_c, u_h, u_w)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         weight, core, u_b, u_c, u_h, u_w = ctx.saved_tensors
-        conv = ctx.conv
-        (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+        g = ctx.geometry
+        (sh, sw), ((ph, _), (pw, _)), (dh, dw) = g.stride, g.pads, g.dilation
         kh, kw = weight.shape[2:]
         height, width = ctx.input_shape[2:]
         extra_h = height - ((grad_out.shape[2] - 1) * sh - 2 * ph + dh * (kh - 1) + 1)
         extra_w = width - ((grad_out.shape[3] - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
         grad_x = torch.nn.functional.conv_transpose2d(
-            grad_out, weight, None, conv.stride, conv.padding, (extra_h, extra_w), conv.groups, conv.dilation
+            grad_out, weight, None, g.stride, (ph, pw), (extra_h, extra_w), g.groups, g.dilation
         )
-        folded = _mode_product(grad_out, u_b.T, 0)  # (K_B, O, H', W')
-        pad_h = torch.nn.functional.pad(u_h, (0, 0, ph, ph))
-        pad_w = torch.nn.functional.pad(u_w, (0, 0, pw, pw))
-        pseudo = _mode_product(_mode_product(_mode_product(core, pad_h, 2), pad_w, 3), u_c, 1)  # (K_B, C, Hp, Wp)
-        rank = pseudo.shape[0]
-        if conv.groups == 1:
-            grad_w = torch.nn.functional.conv2d(pseudo.transpose(0, 1), folded.transpose(0, 1), None, conv.dilation, 0, conv.stride)
-            grad_w = grad_w.transpose(0, 1)
-        else:  # depthwise (with channel multiplier): one group per input channel
-            channels = pseudo.shape[1]
-            grad_w = torch.nn.functional.conv2d(
-                pseudo.transpose(0, 1).reshape(1, channels * rank, *pseudo.shape[2:]),
-                folded.transpose(0, 1), None, conv.dilation, 0, conv.stride, channels,
-            )
-            grad_w = grad_w.reshape(weight.shape[0], 1, *grad_w.shape[2:])
-        grad_w = grad_w[:, :, :kh, :kw]
-        grad_b = grad_out.sum((0, 2, 3)) if ctx.has_bias else None
+        # the runtime kernel's dW, in its convolution-only form (tested equal to the runtime's)
+        grad_w = tucker_weight_grad_by_convolution(Tucker(core, (u_b, u_c, u_h, u_w)), grad_out, weight.shape, g)
+        grad_b = conv_bias_grad(grad_out) if ctx.has_bias else None
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -320,8 +299,7 @@ class _StepBuilder:
                 basis, masked = subspace_step(_mode_rows(data, mode), start, self.eps)
                 new_bases.append(basis)
                 factors.append(masked)
-            spec = _ConvSpec(tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
-            return _TuckerConv2d.apply(inp, weight, bias, u_b, *factors, spec)
+            return _TuckerConv2d.apply(inp, weight, bias, u_b, *factors, ConvGeometry.of(module))
 
         return linear if isinstance(module, nn.Linear) else conv
 

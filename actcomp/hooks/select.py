@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from actcomp.kernels import base_type, kernel_for, supported_types
+from actcomp.kernels import base_type, is_supported, supported_types
 
 LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -67,7 +67,7 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
     or has no kernel, or a selection that picks nothing, raises ValueError.
     """
     modules = dict(model.named_modules())
-    supported = [n for n, m in modules.items() if kernel_for(type(m)) is not None]
+    supported = [n for n, m in modules.items() if is_supported(type(m))]
 
     if isinstance(layers, str):
         if layers == "all":
@@ -103,7 +103,7 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
                 close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise ValueError(f"model has no layer named {name!r}{hint}")
-            if kernel_for(type(modules[name])) is None:
+            if not is_supported(type(modules[name])):
                 raise _unsupported(name, modules[name])
             chosen.append(name)
     if not chosen:

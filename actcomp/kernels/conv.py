@@ -1,5 +1,5 @@
-"""Conv1d / Conv2d with compressed activations: every stride, dilation, groups, padding and
-padding_mode, with and without bias.
+"""The convolution family: Conv1d / Conv2d / Conv3d with compressed activations, every stride,
+dilation, groups, padding and padding_mode, with and without bias.
 
 Forward keeps low-rank factors of the input x (B, C, *spatial) instead of x. Backward:
 
@@ -16,6 +16,7 @@ Forward keeps low-rank factors of the input x (B, C, *spatial) instead of x. Bac
      The choice is by multiply-add count; both are exact for the factors.
 * dW from a LowRank input X_(B) ~ L R: dW = conv_weight_grad(pad(R), L^T x_B dY): k
   pseudo-samples instead of B.
+* dW from PatchMeans (Gradient Filter): see :func:`patch_weight_grad`.
 """
 
 from __future__ import annotations
@@ -26,21 +27,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from actcomp.factors import LowRank, Tucker, _mode_product
-from actcomp.kernels import register_kernel
-from actcomp.kernels.common import (
-    LayerState,
-    autocast_dtype,
-    cast,
-    compress_activation,
-    record_stats,
-    save_for_weight_grad,
-    unpack,
-)
+from actcomp.factors import LowRank, PatchMeans, Tucker, mode_product
+from actcomp.kernels import LayerFamily, register_layer
+from actcomp.methods import InputLayout
+from actcomp.methods.gradient_filter import patch_means
 
-_CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @dataclass(frozen=True)
@@ -56,7 +49,7 @@ class ConvGeometry:
     pads: tuple[tuple[int, int], ...]  # (before, after) per spatial dim
 
     @staticmethod
-    def of(module: nn.Conv1d | nn.Conv2d) -> "ConvGeometry":
+    def of(module: nn.Module) -> "ConvGeometry":
         dims = len(module.kernel_size)
         if isinstance(module.padding, str):
             pads = []
@@ -169,10 +162,10 @@ def tucker_weight_grad(
     """
     core, u_batch, u_channel, *u_spatial = tucker.tensors()
     dtype = grad_out.dtype
-    gb = _mode_product(grad_out, u_batch.T.to(dtype), 0)  # (K_B, C_out, *out)
+    gb = mode_product(grad_out, u_batch.T.to(dtype), 0)  # (K_B, C_out, *out)
     xs = core.to(dtype)
     for i, u in enumerate(u_spatial):
-        xs = _mode_product(xs, _pad_rows(u.to(dtype), g.pads[i], g.pad_mode), 2 + i)
+        xs = mode_product(xs, _pad_rows(u.to(dtype), g.pads[i], g.pad_mode), 2 + i)
     c_out, c_in_group = weight_shape[0], weight_shape[1]
     channels, k_c, k_b = u_channel.shape[0], u_channel.shape[1], u_batch.shape[1]
     taps, out_sites, in_sites = math.prod(weight_shape[2:]), math.prod(gb.shape[2:]), math.prod(xs.shape[2:])
@@ -182,7 +175,7 @@ def tucker_weight_grad(
         route = "contract" if contract <= expand else "expand"
     zero_pad = (0,) * g.dims
     if route == "expand":
-        xs = _mode_product(xs, u_channel.to(dtype), 1)
+        xs = mode_product(xs, u_channel.to(dtype), 1)
         return _conv_backward(gb, xs.contiguous(), weight_shape, g, zero_pad, g.groups, want_input=False)
     if route != "contract":
         raise ValueError(f"route must be 'contract' or 'expand', got {route!r}")
@@ -194,10 +187,42 @@ def tucker_weight_grad(
     return torch.einsum("gokx,gck->gocx", z, u_c).reshape(weight_shape)
 
 
+def tucker_weight_grad_by_convolution(tucker: Tucker, grad_out: Tensor, weight_shape: torch.Size, g: ConvGeometry) -> Tensor:
+    """The same dW as :func:`tucker_weight_grad`, with forward convolutions only (for graph
+    exporters without convolution_backward, e.g. ONNX): dense or depthwise 2-D convolutions
+    (a channel multiplier allowed) with zero padding.
+
+    The batch factor is folded into dY (K_B pseudo-samples), the spatial factors expanded
+    through the zero padding and the channel factor expanded, giving Xs (K_B, C, Hp, Wp). Then
+    dW[o, c] = sum_b Xs[b, c] (*) Gb[b, o] is a convolution of Xs with channels as the batch and
+    the pseudo-samples as input channels, by Gb as the weight, stride and dilation swapped
+    (one group per channel for a depthwise layer), cropped to the kernel size.
+    """
+    if g.dims != 2 or g.padding_mode != "zeros" or not g.symmetric:
+        raise ValueError("tucker_weight_grad_by_convolution needs a 2-D convolution with symmetric zero padding")
+    core, u_batch, u_channel, u_h, u_w = tucker.tensors()
+    gb = mode_product(grad_out, u_batch.T, 0)  # (K_B, C_out, H', W')
+    xs = mode_product(core, _pad_rows(u_h, g.pads[0], "constant"), 2)
+    xs = mode_product(xs, _pad_rows(u_w, g.pads[1], "constant"), 3)
+    xs = mode_product(xs, u_channel, 1)  # (K_B, C, Hp, Wp)
+    rank, channels = xs.shape[0], xs.shape[1]
+    c_out, kh, kw = weight_shape[0], weight_shape[2], weight_shape[3]
+    if g.groups == 1:
+        grad_w = F.conv2d(xs.transpose(0, 1), gb.transpose(0, 1), None, g.dilation, 0, g.stride).transpose(0, 1)
+    elif g.groups == channels and weight_shape[1] == 1:
+        grad_w = F.conv2d(
+            xs.transpose(0, 1).reshape(1, channels * rank, *xs.shape[2:]), gb.transpose(0, 1), None, g.dilation, 0, g.stride, channels
+        )
+        grad_w = grad_w.reshape(c_out, 1, *grad_w.shape[2:])
+    else:
+        raise ValueError(f"tucker_weight_grad_by_convolution supports dense or depthwise convolutions, got groups={g.groups}")
+    return grad_w[:, :, :kh, :kw]
+
+
 def lowrank_weight_grad(lowrank: LowRank, grad_out: Tensor, weight_shape: torch.Size, g: ConvGeometry) -> Tensor:
     """dW of a convolution whose batch-mode unfolding is ``left @ right``: k pseudo-samples."""
     dtype = grad_out.dtype
-    gb = _mode_product(grad_out, lowrank.left.T.to(dtype), 0)  # (k, C_out, *out)
+    gb = mode_product(grad_out, lowrank.left.T.to(dtype), 0)  # (k, C_out, *out)
     right = lowrank.right.to(dtype)
     if g.padding_mode == "zeros" and g.symmetric:
         padding = tuple(a for a, _ in g.pads)
@@ -206,131 +231,44 @@ def lowrank_weight_grad(lowrank: LowRank, grad_out: Tensor, weight_shape: torch.
     return _conv_backward(gb, right, weight_shape, g, padding, g.groups, want_input=False)
 
 
-class CompressedConv(torch.autograd.Function):
-    """conv(x, W, b) that keeps low-rank factors of x (not x) for the weight gradient."""
-
-    @staticmethod
-    def forward(
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        geometry: ConvGeometry,
-        layer: LayerState,
-        dtype: torch.dtype | None,
-    ) -> Tensor:
-        return geometry.conv(x, cast(weight, dtype), cast(bias, dtype))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, geometry, layer, _ = inputs
-        ctx.geometry = geometry
-        ctx.input_shape = x.shape
-        ctx.has_bias = bias is not None
-
-        def kept() -> tuple[Tensor, ...]:
-            factors = compress_activation(x, layer)
-            ctx.kind = type(factors)
-            return factors.tensors()
-
-        save_for_weight_grad(ctx, layer, x, weight, kept)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        weight, *saved = ctx.saved_tensors
-        g: ConvGeometry = ctx.geometry
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(grad_out, weight.to(grad_out.dtype), ctx.input_shape, g)
-        if ctx.needs_input_grad[1]:
-            factors = unpack(ctx.kind, tuple(saved))
-            if isinstance(factors, Tucker):
-                grad_w = tucker_weight_grad(factors, grad_out, weight.shape, g)
-            else:
-                grad_w = lowrank_weight_grad(factors, grad_out, weight.shape, g)
-            grad_w = grad_w.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dim=(0, *range(2, grad_out.ndim))).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+def patch_weight_grad(pooled: PatchMeans, grad_out: Tensor, weight_shape: torch.Size, g: ConvGeometry) -> Tensor:
+    """Gradient Filter's dW from the input's region means xbar and dY (already patch-filtered):
+    dW[o, c, taps] = r^d sum_{b,p} gbar[b,o,p] xbar[b,c,p] within o's group, the same on every
+    tap (the filter's assumption that the input is constant within a patch)."""
+    patch = tuple(r // s for r, s in zip(pooled.region, g.stride))
+    means = patch_means(grad_out, patch)  # (B, O, *patches)
+    sites = tuple(min(a, b) for a, b in zip(means.shape[2:], pooled.means.shape[2:]))
+    crop = (slice(None), slice(None), *(slice(0, n) for n in sites))
+    gbar, xbar = means[crop].flatten(2), pooled.means[crop].to(grad_out.dtype).flatten(2)
+    c_out, c_group = weight_shape[0], weight_shape[1]
+    batch = gbar.shape[0]
+    gbar = gbar.reshape(batch, g.groups, c_out // g.groups, -1)
+    xbar = xbar.reshape(batch, g.groups, c_group, -1)
+    per_channel = torch.einsum("bgop,bgcp->goc", gbar, xbar).reshape(c_out, c_group) * math.prod(patch)
+    return per_channel.reshape(c_out, c_group, *(1,) * g.dims).expand(weight_shape).contiguous()
 
 
-_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d}
+def conv_bias_grad(grad_out: Tensor) -> Tensor:
+    """db = dY summed over the batch and spatial modes."""
+    return grad_out.sum(dim=(0, *range(2, grad_out.ndim)))
 
 
-def _patch_mean(t: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Means over non-overlapping patches of ``size`` (the last patch of a row may be partial)."""
-    return _AVG_POOL[len(size)](t, size, size, ceil_mode=True)
+def _conv_batch(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+    """An unbatched input (C, *spatial) gets a batch mode of 1."""
+    if x.ndim == len(module.kernel_size) + 1:
+        return x.unsqueeze(0), True
+    return x, False
 
 
-class GradientFilterConv(torch.autograd.Function):
-    """Gradient Filter (Yang et al., CVPR 2023), the paper's baseline, for one convolution.
+CONV = LayerFamily(
+    name="conv",
+    geometry=lambda module: ConvGeometry.of(module),
+    layout=lambda g, x: InputLayout(sample_modes=1, stride=g.stride),
+    forward=lambda x, weight, bias, g: g.conv(x, weight, bias),
+    input_grad=lambda grad_out, weight, input_shape, g: _input_grad(grad_out, weight, input_shape, g),
+    bias_grad=conv_bias_grad,
+    weight_grads={Tucker: tucker_weight_grad, LowRank: lowrank_weight_grad, PatchMeans: patch_weight_grad},
+    batch=_conv_batch,
+)
 
-    The output gradient is replaced by its means over r x r patches (piecewise constant). The
-    layer keeps its input averaged over the input region of each patch (r*stride per side):
-    memory / (r*stride)^2. Backward: dX is the transposed convolution of the filtered gradient
-    (exact for it); dW[o, c, i, j] = r^2 sum_{b,p} gbar[b,o,p] xbar[b,c,p] for every tap (i, j),
-    the filter's approximation that the input is constant within a patch; db = sum dY.
-    """
-
-    @staticmethod
-    def forward(x, weight, bias, geometry, layer, dtype, patch):  # type: ignore[override]
-        return geometry.conv(x, cast(weight, dtype), cast(bias, dtype))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, geometry, layer, _, patch = inputs
-        ctx.geometry, ctx.input_shape, ctx.has_bias, ctx.patch = geometry, x.shape, bias is not None, patch
-
-        def kept() -> tuple[Tensor, ...]:
-            with torch.no_grad():
-                pooled = _patch_mean(x.detach(), tuple(patch * s for s in geometry.stride)).contiguous()
-            record_stats(layer, x, (), pooled.numel() * pooled.element_size())
-            return (pooled,)
-
-        save_for_weight_grad(ctx, layer, x, weight, kept)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        weight, *saved = ctx.saved_tensors
-        g: ConvGeometry = ctx.geometry
-        size = (ctx.patch,) * g.dims
-        means = _patch_mean(grad_out, size)  # (B, O, *patches)
-        filtered = means
-        for d in range(g.dims):
-            filtered = filtered.repeat_interleave(ctx.patch, dim=2 + d)
-        filtered = filtered[(slice(None), slice(None), *(slice(0, n) for n in grad_out.shape[2:]))]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(filtered.contiguous(), weight.to(grad_out.dtype), ctx.input_shape, g)
-        if ctx.needs_input_grad[1]:
-            (pooled,) = saved
-            sites = tuple(min(a, b) for a, b in zip(means.shape[2:], pooled.shape[2:]))
-            crop = (slice(None), slice(None), *(slice(0, n) for n in sites))
-            gbar, xbar = means[crop].flatten(2), pooled[crop].to(grad_out.dtype).flatten(2)
-            c_out, c_group = weight.shape[0], weight.shape[1]
-            batch = gbar.shape[0]
-            gbar = gbar.reshape(batch, g.groups, c_out // g.groups, -1)
-            xbar = xbar.reshape(batch, g.groups, c_group, -1)
-            per_channel = torch.einsum("bgop,bgcp->goc", gbar, xbar).reshape(c_out, c_group) * ctx.patch**g.dims
-            grad_w = per_channel.reshape(c_out, c_group, *(1,) * g.dims).expand(weight.shape).to(weight.dtype).contiguous()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dim=(0, *range(2, grad_out.ndim))).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-
-@register_kernel(nn.Conv1d, nn.Conv2d)
-def conv_kernel(module: nn.Conv1d | nn.Conv2d, x: Tensor, layer: LayerState) -> Tensor:
-    """Run ``module`` on x keeping factors of x for backward (see the module doc for the math)."""
-    unbatched = x.ndim == len(module.kernel_size) + 1
-    if unbatched:
-        x = x.unsqueeze(0)
-    dtype = autocast_dtype(x)
-    x = cast(x, dtype)
-    geometry = ConvGeometry.of(module)
-    with torch.autocast(x.device.type, enabled=False):
-        if layer.config.method == "gradient_filter":
-            y = GradientFilterConv.apply(x, module.weight, module.bias, geometry, layer, dtype, layer.config.patch)
-        else:
-            y = CompressedConv.apply(x, module.weight, module.bias, geometry, layer, dtype)
-    return y.squeeze(0) if unbatched else y
+register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d, family=CONV)

@@ -1,4 +1,5 @@
-"""Linear with compressed activations, for inputs with any number of leading dimensions.
+"""The linear family: nn.Linear (and layers registered with a (out, in) weight getter), for
+inputs with any number of leading dimensions.
 
 For an input X of shape (N_1, ..., N_m, C) and output gradient dY (N_1, ..., N_m, C_out):
 
@@ -15,85 +16,65 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from actcomp.factors import LowRank, Tucker, _mode_product
-from actcomp.kernels import register_kernel
-from actcomp.kernels.common import (
-    LayerState,
-    autocast_dtype,
-    cast,
-    compress_activation,
-    record_plain_input,
-    save_for_weight_grad,
-    unpack,
-)
+from actcomp.factors import LowRank, Tucker, mode_product
+from actcomp.kernels import LayerFamily, register_layer
+from actcomp.methods import InputLayout
 
 
-def tucker_weight_grad(tucker: Tucker, grad_out: Tensor) -> Tensor:
+def tucker_weight_grad(tucker: Tucker, grad_out: Tensor, weight_shape: torch.Size | None = None, geometry: None = None) -> Tensor:
     """dW = (dY folded by the leading factors) contracted with the core, then U_C^T."""
     *u_leading, u_channel = tucker.factors
     dtype = grad_out.dtype
     folded = grad_out
     for mode, u in enumerate(u_leading):
-        folded = _mode_product(folded, u.T.to(dtype), mode)
+        folded = mode_product(folded, u.T.to(dtype), mode)
     k_c = u_channel.shape[1]
     small = folded.reshape(-1, grad_out.shape[-1]).T @ tucker.core.to(dtype).reshape(-1, k_c)
     return small @ u_channel.T.to(dtype)
 
 
-def lowrank_weight_grad(lowrank: LowRank, grad_out: Tensor) -> Tensor:
+def lowrank_weight_grad(lowrank: LowRank, grad_out: Tensor, weight_shape: torch.Size | None = None, geometry: None = None) -> Tensor:
     """dW = (dY_rows^T L) R."""
     dtype = grad_out.dtype
     rows = grad_out.reshape(-1, grad_out.shape[-1])
-    return (rows.T @ lowrank.left.to(dtype)) @ lowrank.right.to(dtype)
+    return (rows.T @ lowrank.left.to(dtype)) @ lowrank.right.reshape(lowrank.rank, -1).to(dtype)
 
 
-class CompressedLinear(torch.autograd.Function):
-    """linear(x, W, b) that keeps low-rank factors of x (not x) for the weight gradient."""
+def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, geometry: None = None) -> Tensor:
+    """``F.linear(x, W, b)``, returned as a tensor that is not a view.
 
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerState, dtype: torch.dtype | None) -> Tensor:
-        return F.linear(x, cast(weight, dtype), cast(bias, dtype))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, layer, _ = inputs
-        ctx.has_bias = bias is not None
-
-        def kept() -> tuple[Tensor, ...]:
-            factors = compress_activation(x, layer, unfold=x.reshape(-1, x.shape[-1]))
-            ctx.kind = type(factors)
-            return factors.tensors()
-
-        save_for_weight_grad(ctx, layer, x, weight, kept)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        weight, *saved = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ weight.to(grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            factors = unpack(ctx.kind, tuple(saved))
-            if isinstance(factors, Tucker):
-                grad_w = tucker_weight_grad(factors, grad_out)
-            else:
-                grad_w = lowrank_weight_grad(factors, grad_out)
-            grad_w = grad_w.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
+    An autograd Function's output that is a view of a tensor made inside its forward cannot be
+    modified in place afterwards (``ReLU(inplace=True)``, ``+=``), and F.linear returns such a
+    view for inputs of 3 or more dims with a bias (and for 1-D inputs). The same addmm writes
+    into a fresh tensor instead, bit for bit what F.linear computes.
+    """
+    if x.ndim >= 3 and bias is not None and x.is_contiguous():
+        out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.result_type(x, weight))
+        torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t(), out=out.view(-1, weight.shape[0]))
+        return out
+    y = F.linear(x, weight, bias)
+    return y.clone() if y._is_view() else y
 
 
-@register_kernel(nn.Linear)
-def linear_kernel(module: nn.Linear, x: Tensor, layer: LayerState) -> Tensor:
-    """Run ``module`` on x keeping factors of x for backward (see the module doc for the math)."""
-    if layer.config.method == "gradient_filter":  # no spatial patches: the layer stays exact
-        record_plain_input(layer, x, module.weight)
-        return F.linear(x, module.weight, module.bias)
-    dtype = autocast_dtype(x)
-    x = cast(x, dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        return CompressedLinear.apply(x, module.weight, module.bias, layer, dtype)
+def linear_input_grad(grad_out: Tensor, weight: Tensor, input_shape: torch.Size, geometry: None = None) -> Tensor:
+    """dX = dY W."""
+    return grad_out @ weight
+
+
+def linear_bias_grad(grad_out: Tensor) -> Tensor:
+    """db = dY summed over every leading mode."""
+    return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+
+
+LINEAR = LayerFamily(
+    name="linear",
+    geometry=lambda module: None,
+    layout=lambda geometry, x: InputLayout(sample_modes=x.ndim - 1),
+    forward=linear_forward,
+    input_grad=linear_input_grad,
+    bias_grad=linear_bias_grad,
+    weight_grads={Tucker: tucker_weight_grad, LowRank: lowrank_weight_grad},
+)
+
+register_layer(nn.Linear, family=LINEAR)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from actcomp.hooks.swap import compress, compressed_layers, restore
+from actcomp.hooks.swap import compressed_layers, suspended
 from actcomp.kernels import base_type
 from actcomp.text import aligned_table
 
@@ -298,7 +298,7 @@ def measure(
     ``loss_fn(model(inputs), targets)`` (``loss_fn(output)`` without targets; the mean square
     of the output without a loss_fn). Saved bytes are counted per storage and attributed per
     module; the sum over rows equals ``saved_bytes``. With ``vanilla=True`` the same step is
-    run again with compression removed and put back afterwards (settings unchanged), so every
+    run again with compression suspended (:func:`actcomp.suspended`; settings and carried state unchanged), so every
     row has a plain-autograd figure. The model's parameters and gradients are left as they were
     (BatchNorm running statistics are updated by the forward passes, as in training).
     """
@@ -309,15 +309,8 @@ def measure(
     per_module, peak, source = _one_step(model, inputs, targets, loss_fn, device)
     vanilla_per_module, vanilla_peak = None, None
     if vanilla:
-        configs = compressed_layers(model)
-        states = {name: modules[name]._actcomp_layer for name in configs}
-        restore(model)
-        try:
+        with suspended(model):  # plain autograd; settings, stats and asi's subspaces stay as they are
             vanilla_per_module, vanilla_peak, _ = _one_step(model, inputs, targets, loss_fn, device)
-        finally:
-            for name, config in configs.items():
-                compress(model, [name], config=config)
-                modules[name]._actcomp_layer = states[name]  # keep asi's tracked subspaces and the stats
     rows = []
     names = list(dict.fromkeys([*per_module, *(vanilla_per_module or {})]))
     order = {n: i for i, n in enumerate(modules)}

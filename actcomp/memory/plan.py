@@ -29,6 +29,7 @@ from actcomp.devices import DeviceProfile, load_device
 from actcomp.hooks.select import LayerSelector, execution_order, select_layers
 from actcomp.hooks.swap import compress, restore, stats
 from actcomp.kernels import base_type
+from actcomp.methods import method_class, method_names
 from actcomp.memory.measure import format_bytes, loss_of
 from actcomp.memory.saved import count_saved
 from actcomp.text import aligned_table
@@ -218,24 +219,164 @@ def _layer_grad(module: nn.Module, x: Tensor, dy: Tensor, config: CompressionCon
     return stats(layer)[""].kept_bytes, grad
 
 
-def _pareto(items: list[list[tuple[int, float, Any]]], capacity: int) -> tuple[float, int, tuple] | None:
-    """Exact multiple-choice knapsack: pick one option per item, min error s.t. bytes <= capacity.
+@dataclass(frozen=True)
+class Option:
+    """One choice for one item of the knapsack: its bytes, its error and what it stands for."""
 
-    Frontiers of non-dominated (bytes, error, picks) are merged item by item; returns the
-    (error, bytes, picks) of least error (ties: fewer bytes), or None if nothing fits.
+    nbytes: int
+    error: float
+    key: Any
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The knapsack's answer: total error and bytes, and the key picked for every item."""
+
+    error: float
+    nbytes: int
+    keys: tuple
+
+
+def pareto_knapsack(items: Sequence[Sequence[Option]], capacity: int) -> Selection | None:
+    """Exact multiple-choice knapsack: one option per item, least total error with
+    total bytes <= capacity (ties: fewer bytes); None when no choice fits.
+
+    Frontiers of non-dominated (bytes, error, keys) are merged item by item: after item i the
+    frontier holds, for every reachable byte total, only selections with less error than every
+    cheaper one, so the optimum over all items is on the last frontier.
     """
-    frontier: list[tuple[int, float, tuple]] = [(0, 0.0, ())]
+    frontier: list[Selection] = [Selection(0.0, 0, ())]
     for options in items:
-        merged = [(b + ob, e + oe, picks + (key,)) for b, e, picks in frontier for ob, oe, key in options if b + ob <= capacity]
-        merged.sort(key=lambda t: (t[0], t[1]))
+        merged = [
+            Selection(sel.error + o.error, sel.nbytes + o.nbytes, sel.keys + (o.key,))
+            for sel in frontier
+            for o in options
+            if sel.nbytes + o.nbytes <= capacity
+        ]
+        merged.sort(key=lambda t: (t.nbytes, t.error))
         frontier = []
         for entry in merged:
-            if not frontier or entry[1] < frontier[-1][1] - 1e-12:
+            if not frontier or entry.error < frontier[-1].error - 1e-12:
                 frontier.append(entry)
         if not frontier:
             return None
-    best = min(frontier, key=lambda t: (t[1], t[0]))
-    return best[1], best[0], best[2]
+    return min(frontier, key=lambda t: (t.error, t.nbytes))
+
+
+@dataclass(frozen=True)
+class EpsCost:
+    """What training one layer at one eps costs on the calibration batches: bytes its factors
+    keep (largest over the batches) and the relative error of its weight gradient (mean)."""
+
+    eps: float
+    kept_bytes: int
+    grad_error: float
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The model copy the planner works on and its candidate layers in execution order."""
+
+    work: nn.Module
+    names: list[str]
+    modules: dict[str, nn.Module]
+
+
+def _candidates(model: nn.Module, batches: list[object], candidates: LayerSelector) -> _Candidates:
+    """Phase 1: a plain, trainable copy of the model and the candidates its forward calls."""
+    work = copy.deepcopy(model)
+    restore(work)
+    work.train()
+    first_args, _ = _as_args(batches[0])
+    order = execution_order(work, first_args)
+    position = {n: i for i, n in enumerate(order)}
+    names = sorted((n for n in select_layers(work, candidates) if n in position), key=position.__getitem__)
+    if not names:
+        raise ValueError("no candidate layer is called by the model's forward on the calibration batch")
+    modules = dict(work.named_modules())
+    work.requires_grad_(False)
+    for n in names:
+        modules[n].weight.requires_grad_(True)
+    return _Candidates(work, names, modules)
+
+
+def _eps_costs(c: _Candidates, batches: list[object], method: str, grid: list[float], loss_fn: Callable | None) -> dict[str, list[EpsCost]]:
+    """Phase 2: per candidate and eps, the bytes its real kernel keeps and its gradient error."""
+    kept = {n: {e: 0 for e in grid} for n in c.names}
+    error = {n: {e: 0.0 for e in grid} for n in c.names}
+    for batch in batches:
+        captured = _capture(c.work, c.names, batch, loss_fn)
+        for n in c.names:
+            x, dy = captured[n]
+            _, exact = _layer_grad(c.modules[n], x, dy, CompressionConfig("none"))
+            scale = exact.norm().item() or 1.0
+            for e in grid:
+                nbytes, grad = _layer_grad(c.modules[n], x, dy, CompressionConfig(method, e))
+                kept[n][e] = max(kept[n][e], nbytes)
+                error[n][e] += (grad - exact).norm().item() / scale / len(batches)
+    return {n: [EpsCost(e, kept[n][e], error[n][e]) for e in grid] for n in c.names}
+
+
+def _suffix_overheads(c: _Candidates, batches: list[object], method: str, eps: float, loss_fn: Callable | None) -> list[int]:
+    """Phase 3: O(s), what the step keeps besides the factors when candidates s.. train."""
+    overhead = []
+    for s in range(len(c.names)):
+        trial = copy.deepcopy(c.work)
+        trial.requires_grad_(False)
+        trial_modules = dict(trial.named_modules())
+        for n in c.names[s:]:
+            trial_modules[n].weight.requires_grad_(True)
+        compress(trial, c.names[s:], method=method, eps=eps)
+        worst = 0
+        for batch in batches:
+            with count_saved(trial) as saved:
+                loss = _loss(trial, batch, loss_fn)
+            factors = sum(st.kept_bytes for st in stats(trial).values())
+            worst = max(worst, saved.saved_bytes - factors)
+            del loss
+        overhead.append(worst)
+    return overhead
+
+
+@dataclass(frozen=True)
+class _Solution:
+    """Phase 4's answer: the first trainable candidate s and the eps (None: frozen) of each
+    candidate from s on, with the total error (frozen layers count 1) and bytes."""
+
+    start: int
+    picks: tuple
+    error: float
+    nbytes: int
+
+
+def _solve(
+    names: list[str], costs: dict[str, list[EpsCost]], overheads: list[int], fixed: int, budget: int, extra_bytes: dict[str, int]
+) -> tuple[_Solution | None, tuple[int, str, float]]:
+    """Phase 4: for every start s, the knapsack over candidates s.. under the budget left after
+    the overhead O(s) and the fixed bytes; the best s wins. Also returns the cheapest step that
+    trains one layer (total bytes, layer, eps), for the message of an infeasible budget."""
+    best: _Solution | None = None
+    cheapest: tuple[int, str, float] | None = None
+    for s in range(len(names)):
+        items = [
+            [Option(0, 1.0, None), *(Option(c.kept_bytes + extra_bytes[n], c.grad_error, c.eps) for c in costs[n])]
+            for n in names[s:]
+        ]
+        smallest = min(items[0][1:], key=lambda o: o.nbytes)
+        total = smallest.nbytes + overheads[s] + fixed
+        if cheapest is None or total < cheapest[0]:
+            cheapest = (total, names[s], smallest.key)
+        capacity = budget - overheads[s] - fixed
+        if capacity < 0:
+            continue
+        selection = pareto_knapsack(items, capacity)
+        if selection is None or all(k is None for k in selection.keys):
+            continue
+        error = selection.error + s  # the candidates before s are frozen: error 1 each
+        if best is None or (error, selection.nbytes) < (best.error, best.nbytes):
+            best = _Solution(s, selection.keys, error, selection.nbytes)
+    assert cheapest is not None
+    return best, cheapest
 
 
 def plan(
@@ -263,6 +404,10 @@ def plan(
     as for :func:`actcomp.compress`, ordered by execution. Bytes are the largest, errors the mean
     over the calibration batches. The model is not modified (use :meth:`Plan.apply`). An
     infeasible budget raises ValueError stating the smallest budget that trains one layer.
+
+    Phases: candidates (:func:`_candidates`), per-layer costs of every eps
+    (:func:`_eps_costs`), the overhead of each trained suffix (:func:`_suffix_overheads`), and
+    the exact solve (:func:`_solve` with :func:`pareto_knapsack`).
     """
     if (budget is None) == (device is None):
         raise ValueError("give exactly one of budget= or device=")
@@ -271,107 +416,45 @@ def plan(
     if scope not in ("activations", "step"):
         raise ValueError(f"scope must be 'activations' or 'step', got {scope!r}")
     grid = sorted({CompressionConfig(method, e).eps for e in eps_grid})
-    if method not in ("hosvd", "asi", "svd"):
-        raise ValueError(f"plan chooses an eps per layer, so it needs method 'hosvd', 'asi' or 'svd', got {method!r}")
+    if method_class(method).knob != "eps":
+        tunable = [m for m in method_names() if method_class(m).knob == "eps"]
+        names = ", ".join(map(repr, tunable[:-1])) + f" or {tunable[-1]!r}" if len(tunable) > 1 else repr(tunable[0])
+        raise ValueError(f"plan chooses an eps per layer, so it needs method {names}, got {method!r}")
     batches = list(calib_batches)
     if not batches:
         raise ValueError("plan needs at least one calibration batch")
 
-    work = copy.deepcopy(model)
-    restore(work)
-    work.train()
-    first_args, _ = _as_args(batches[0])
-    order = execution_order(work, first_args)
-    names = select_layers(work, candidates)
-    position = {n: i for i, n in enumerate(order)}
-    names = sorted((n for n in names if n in position), key=position.__getitem__)
-    if not names:
-        raise ValueError("no candidate layer is called by the model's forward on the calibration batch")
-    modules = dict(work.named_modules())
-
-    # Per layer and eps: bytes kept (max over batches) and gradient error (mean over batches).
-    work.requires_grad_(False)
-    for n in names:
-        modules[n].weight.requires_grad_(True)
-    kept = {n: {e: 0 for e in grid} for n in names}
-    error = {n: {e: 0.0 for e in grid} for n in names}
-    for batch in batches:
-        captured = _capture(work, names, batch, loss_fn)
-        for n in names:
-            x, dy = captured[n]
-            _, exact = _layer_grad(modules[n], x, dy, CompressionConfig("none"))
-            scale = exact.norm().item() or 1.0
-            for e in grid:
-                nbytes, grad = _layer_grad(modules[n], x, dy, CompressionConfig(method, e))
-                kept[n][e] = max(kept[n][e], nbytes)
-                error[n][e] += (grad - exact).norm().item() / scale / len(batches)
-
-    # Overhead O(s) of training from candidate s on: everything kept but the factors.
-    overhead = []
-    for s in range(len(names)):
-        trial = copy.deepcopy(work)
-        trial.requires_grad_(False)
-        for n in names[s:]:
-            dict(trial.named_modules())[n].weight.requires_grad_(True)
-        compress(trial, names[s:], method=method, eps=grid[0])
-        worst = 0
-        for batch in batches:
-            with count_saved(trial) as saved:
-                loss = _loss(trial, batch, loss_fn)
-            factors = sum(st.kept_bytes for st in stats(trial).values())
-            worst = max(worst, saved.saved_bytes - factors)
-            del loss
-        overhead.append(worst)
-
-    param_bytes = {n: sum(p.numel() * p.element_size() for p in modules[n].parameters()) for n in names}
-    fixed = sum(p.numel() * p.element_size() for p in work.parameters()) if scope == "step" else 0
+    c = _candidates(model, batches, candidates)
+    costs = _eps_costs(c, batches, method, grid, loss_fn)
+    overheads = _suffix_overheads(c, batches, method, grid[0], loss_fn)
+    param_bytes = {n: sum(p.numel() * p.element_size() for p in c.modules[n].parameters()) for n in c.names}
+    fixed = sum(p.numel() * p.element_size() for p in c.work.parameters()) if scope == "step" else 0
     per_param = (1 + optimizer_copies) if scope == "step" else 0
-
-    best: tuple[float, int, int, tuple] | None = None  # (error, bytes, s, picks)
-    cheapest: tuple[int, str, float] | None = None
-    for s in range(len(names)):
-        capacity = budget_bytes - overhead[s] - fixed
-        options = []
-        for j, n in enumerate(names[s:]):
-            train_opts = [(kept[n][e] + param_bytes[n] * per_param, error[n][e], e) for e in grid]
-            if j == 0:
-                cost, _, e = min(train_opts, key=lambda t: t[0])
-                total = cost + overhead[s] + fixed
-                if cheapest is None or total < cheapest[0]:
-                    cheapest = (total, n, e)
-            options.append([(0, 1.0, None), *train_opts])
-        if capacity < 0:
-            continue
-        solved = _pareto(options, capacity)
-        if solved is None:
-            continue
-        err, nbytes, picks = solved
-        err += s  # the layers before s are frozen: error 1 each
-        if any(p is not None for p in picks) and (best is None or (err, nbytes) < best[:2]):
-            best = (err, nbytes, s, picks)
+    extra = {n: param_bytes[n] * per_param for n in c.names}
+    best, cheapest = _solve(c.names, costs, overheads, fixed, budget_bytes, extra)
     if best is None:
-        assert cheapest is not None
+        need = cheapest[0]
         raise ValueError(
             f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes, scope {scope}) is infeasible: "
-            f"training even one layer needs at least {format_bytes(cheapest[0])} ({cheapest[0]} bytes: "
+            f"training even one layer needs at least {format_bytes(need)} ({need} bytes: "
             f"layer '{cheapest[1]}' at eps {cheapest[2]:g} with every other layer frozen)"
         )
-    _, _, s, picks = best
+    by_eps = {n: {cost.eps: cost for cost in costs[n]} for n in c.names}
     choices = []
-    for i, n in enumerate(names):
-        e = picks[i - s] if i >= s else None
+    for i, n in enumerate(c.names):
+        e = best.picks[i - best.start] if i >= best.start else None
         choices.append(
             LayerChoice(
                 name=n,
-                layer_type=base_type(modules[n]).__name__,
+                layer_type=base_type(c.modules[n]).__name__,
                 train=e is not None,
                 eps=e,
-                kept_bytes=kept[n][e] if e is not None else 0,
+                kept_bytes=by_eps[n][e].kept_bytes if e is not None else 0,
                 param_bytes=param_bytes[n],
-                grad_error=error[n][e] if e is not None else 1.0,
+                grad_error=by_eps[n][e].grad_error if e is not None else 1.0,
             )
         )
-    first = next(i for i, c in enumerate(choices) if c.train)
+    first = next(i for i, choice in enumerate(choices) if choice.train)
     notes = [
         "bytes are the largest over the calibration batches: eps fixes explained variance, not rank, so other batches may keep more or less"
     ]
@@ -380,7 +463,7 @@ def plan(
         scope=scope,
         method=method,
         choices=choices,
-        overhead_bytes=overhead[first],
+        overhead_bytes=overheads[first],
         fixed_bytes=fixed,
         optimizer_copies=optimizer_copies if scope == "step" else 0,
         device=profile.name if profile is not None else None,

@@ -147,3 +147,49 @@ def test_bundle_runner_trains_without_torch_and_matches_eager(tmp_path):
     for name, eager_value in zip(names, state):
         assert np.allclose(final[name], eager_value.numpy(), atol=1e-4), name
     assert actcomp.compressed_layers(model) == {}
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=4),  # depthwise, channel multiplier 2
+        nn.Conv2d(3, 3, (3, 1), stride=(1, 2), padding=(1, 0), groups=3),
+    ],
+    ids=["dense-strided", "depthwise-dilated-multiplier", "depthwise-rectangular"],
+)
+def test_exported_conv_weight_gradient_is_the_runtime_kernels(conv):
+    """The step's conv backward (convolutions only) gives the runtime kernel's dW on the same
+    factors, masked columns included."""
+    from actcomp.export.step import _TuckerConv2d
+    from actcomp.factors import Tucker, mode_product
+    from actcomp.kernels.conv import ConvGeometry, tucker_weight_grad
+
+    conv = conv.double()
+    x = torch.randn(5, conv.in_channels, 9, 10, dtype=torch.float64)
+    bases = [torch.linalg.qr(torch.randn(n, min(n, 3), dtype=torch.float64)).Q for n in x.shape]
+    bases[1][:, -1] = 0  # a column beyond the eps rank, masked as the graph masks it
+    weight = conv.weight.detach().clone().requires_grad_()
+    y = _TuckerConv2d.apply(x, weight, conv.bias, *bases, ConvGeometry.of(conv))
+    dy = torch.randn_like(y)
+    (exported,) = torch.autograd.grad(y, weight, dy)
+    core = x
+    for mode, u in enumerate(bases):
+        core = mode_product(core, u.T, mode)
+    runtime = tucker_weight_grad(Tucker(core, tuple(bases)), dy, weight.shape, ConvGeometry.of(conv))
+    assert torch.allclose(exported, runtime, rtol=0, atol=1e-12 * runtime.abs().max())
+
+
+def test_exported_linear_weight_gradient_is_the_runtime_kernels():
+    from actcomp.export.step import _LowRankLinear
+    from actcomp.factors import LowRank
+    from actcomp.kernels.linear import lowrank_weight_grad
+
+    x = torch.randn(7, 6, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(6, 3, dtype=torch.float64)).Q
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = _LowRankLinear.apply(x, weight, None, basis)
+    dy = torch.randn_like(y)
+    (exported,) = torch.autograd.grad(y, weight, dy)
+    runtime = lowrank_weight_grad(LowRank(x @ basis, basis.T), dy)
+    assert torch.allclose(exported, runtime, rtol=0, atol=1e-13)

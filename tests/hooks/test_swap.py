@@ -80,7 +80,7 @@ def test_execution_order_sample_leaves_model_untouched():
 @pytest.mark.parametrize(
     "layers, message",
     [
-        (["features.5"], "layer 'features.5' (Identity) has no compressed kernel; supported: Conv1d, Conv2d, Linear"),
+        (["features.5"], "layer 'features.5' (Identity) has no compressed kernel; supported: Conv1d, Conv2d, Conv3d, Linear"),
         (["featurs.0"], "model has no layer named 'featurs.0'; did you mean 'features.0'"),
         ("last:0", "needs a whole number N >= 1"),
         ("last:9", "asks for 9 layers but the model has 4"),
@@ -94,8 +94,8 @@ def test_selection_errors(layers, message):
 
 
 def test_unsupported_layer_type_is_named():
-    model = nn.Sequential(nn.Conv3d(2, 2, 1))
-    with pytest.raises(ValueError, match=re.escape("layer '0' (Conv3d) has no compressed kernel")):
+    model = nn.Sequential(nn.ConvTranspose2d(2, 2, 1))
+    with pytest.raises(ValueError, match=re.escape("layer '0' (ConvTranspose2d) has no compressed kernel")):
         actcomp.compress(model, ["0"])
 
 
@@ -178,3 +178,68 @@ def test_compress_twice_updates_settings():
     assert actcomp.compressed_layers(model) == {"head": actcomp.CompressionConfig("svd", 0.9)}
     actcomp.restore(model)
     assert type(model.head) is nn.Linear
+
+
+def test_pickled_model_loads_in_a_new_process(tmp_path, data):
+    """The compressed classes are made at run time: a new process must still load the model
+    (pickled by the base class) and keep training it compressed."""
+    import subprocess
+    import sys
+
+    x, _ = data
+    model = nn.Sequential(  # torch's classes only: the new process imports nothing of the tests
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )
+    actcomp.compress(model, eps=0.7).eval()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    torch.save(model(x), tmp_path / "out.pt")
+    torch.save(x, tmp_path / "x.pt")
+    script = f"""
+import torch, actcomp
+model = torch.load({str(path)!r}, weights_only=False)
+x = torch.load({str(tmp_path / 'x.pt')!r})
+assert torch.equal(model(x), torch.load({str(tmp_path / 'out.pt')!r}))
+assert sorted(actcomp.compressed_layers(model)) == ["0", "3", "6"]
+assert type(model[6]).__name__ == "CompressedLinear" and isinstance(model[6], torch.nn.Linear)
+model.train()
+model(x).sum().backward()
+assert actcomp.stats(model)["6"].ranks
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_layer_state_and_suspended(data):
+    x, y = data
+    model = actcomp.compress(Net(), ["head", "early"], method="asi", eps=0.8)
+    assert actcomp.layer_state(model.features[0]) is None
+    state = actcomp.layer_state(model.head)
+    assert state.name == "head" and state.layer_type == "Linear" and state.config == actcomp.CompressionConfig("asi", 0.8)
+    step(model, x, y)
+    tracker, last = state.method_state, state.last
+    assert tracker is state.tracker and tracker.steps == 1
+    reference = copy.deepcopy(model)
+    actcomp.restore(reference)
+    with actcomp.suspended(model):
+        out, grads = step(model, x, y)  # plain autograd: bit-identical to the restored copy
+        assert not state.active
+    ref_out, ref_grads = step(reference, x, y)
+    assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert state.active and state.method_state is tracker and tracker.steps == 1 and state.last is last
+    data_ = state.state_dict()
+    assert set(data_) == {"method", "eps", "patch", "method_state"}
+    buffer = io.BytesIO()
+    torch.save(data_, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # plain data: no pickled classes
+    other = actcomp.compress(Net(), ["head"], method="hosvd")
+    actcomp.layer_state(other.head).load_state_dict(loaded)
+    restored = actcomp.layer_state(other.head)
+    assert restored.config.method == "asi" and restored.method_state.steps == 1
+    assert all(torch.equal(tracker.factors[m], restored.method_state.factors[m]) for m in tracker.factors)
+    actcomp.compress(model, ["head"], method="asi", eps=0.9)  # same method: subspaces kept
+    assert state.method_state is tracker and state.config.eps == 0.9

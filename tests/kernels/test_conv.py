@@ -184,7 +184,7 @@ def test_asi_tracked_step_equals_autograd_on_reconstruction(spec):
     first = make_input(layer)
     layer(first).sum().backward()
     x = (first.detach() + 0.05 * torch.randn_like(first)).requires_grad_()
-    state = layer._actcomp_layer
+    state = actcomp.layer_state(layer)
     x_hat = tracked_hosvd(x, 0.8, copy.deepcopy(state.tracker)).reconstruct().requires_grad_()
     recomputed = state.tracker.recomputed
     torch.manual_seed(1)

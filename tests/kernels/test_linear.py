@@ -93,7 +93,7 @@ def test_asi_tracked_step_equals_autograd_on_reconstruction(shape):
     actcomp.compress(layer, method="asi", eps=0.8)
     grads(layer, make_input(shape))
     x = (make_input(shape).detach() * 1.01).requires_grad_()
-    tracker = layer._actcomp_layer.tracker
+    tracker = actcomp.layer_state(layer).tracker
     x_hat = tracked_hosvd(x, 0.8, copy.deepcopy(tracker)).reconstruct().requires_grad_()
     _, ours = grads(layer, x)
     actcomp.restore(layer)

@@ -47,9 +47,9 @@ def test_vanilla_pass_keeps_asi_subspaces():
     x = torch.randn(16, 10).cumsum(0)
     actcomp.compress(model, ["0"], method="asi", eps=0.8)
     model(x).sum().backward()
-    tracker = model[0]._actcomp_layer.tracker
+    tracker = actcomp.layer_state(model[0]).tracker
     measure(model, x)
-    assert model[0]._actcomp_layer.tracker is tracker and tracker.steps == 2
+    assert actcomp.layer_state(model[0]).tracker is tracker and tracker.steps == 2
 
 
 def test_matches_an_independent_count_and_keeps_gradients():

@@ -136,3 +136,34 @@ def test_asi_plan_keeps_what_it_predicts_on_the_first_step():
     p = plan(model, [batch], budget="60KiB", loss_fn=LOSS, method="asi")
     applied = p.apply(copy.deepcopy(model))
     assert measured_saved_bytes(applied, batch) == p.predicted_saved_bytes <= 60 * 1024
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_knapsack_equals_brute_force(seed):
+    """The exact multiple-choice knapsack against enumerating every combination."""
+    import itertools
+    import random
+
+    from actcomp.memory.plan import Option, pareto_knapsack
+
+    rng = random.Random(seed)
+    items = [
+        [Option(rng.randrange(0, 50), round(rng.random(), 3), (i, j)) for j in range(rng.randrange(1, 4))]
+        for i in range(rng.randrange(1, 5))
+    ]
+    capacity = rng.randrange(0, 120)
+    feasible = [
+        (sum(o.error for o in combo), sum(o.nbytes for o in combo), tuple(o.key for o in combo))
+        for combo in itertools.product(*items)
+        if sum(o.nbytes for o in combo) <= capacity
+    ]
+    result = pareto_knapsack(items, capacity)
+    if not feasible:
+        assert result is None
+        return
+    best_error = min(f[0] for f in feasible)
+    assert result is not None and abs(result.error - best_error) < 1e-9
+    assert result.nbytes <= capacity
+    chosen = [next(o for o in options if o.key == key) for options, key in zip(items, result.keys)]
+    assert sum(o.nbytes for o in chosen) == result.nbytes and abs(sum(o.error for o in chosen) - result.error) < 1e-9
+    assert result.nbytes == min(f[1] for f in feasible if abs(f[0] - best_error) < 1e-9)

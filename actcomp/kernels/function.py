@@ -1,0 +1,126 @@
+"""The one autograd Function behind every compressed layer, whatever its family and method.
+
+Forward: y = family.forward(x, W, b); when W is trained, the layer's method turns x into
+factors (:meth:`actcomp.LayerState.compress`) and only those, with W, are saved. A frozen W
+saves W alone (dX needs nothing of x). Backward, with dY' = method.filter_grad(dY) (dY itself
+for every method but Gradient Filter):
+
+* dX = family.input_grad(dY', W): exact, from the weight alone;
+* dW = family.weight_grads[type(factors)](factors, dY'): from the factors, x is never rebuilt;
+* db = family.bias_grad(dY).
+
+Autocast: the Function runs with autocast off and casts W and b to the dtype autocast would use
+inside its forward, so the layer computes what the plain layer computes under autocast while
+saving the parameter itself instead of the cast copy plain autocast keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from actcomp.kernels import LayerFamily, Registration, base_type
+from actcomp.methods import Compressor, InputLayout
+from actcomp.state import BackwardRecord
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a conv/linear on x's device in, or None when it is off."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """t in ``dtype`` (None and non-floating tensors unchanged; no dtype: unchanged)."""
+    if t is None or dtype is None or not t.is_floating_point():
+        return t
+    return t.to(dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class _Call:
+    """The non-tensor arguments of one compressed call."""
+
+    family: LayerFamily
+    geometry: Any
+    layout: InputLayout
+    state: Any  # actcomp.state.LayerState
+    compressor: Compressor
+    dtype: torch.dtype | None
+
+
+class CompressedOp(torch.autograd.Function):
+    """family.forward(x, W, b) keeping the method's factors of x (not x) for dW."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, call: _Call) -> Tensor:  # type: ignore[override]
+        return call.family.forward(x, cast(weight, call.dtype), cast(bias, call.dtype), call.geometry)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, weight, bias, call = inputs
+        ctx.call, ctx.input_shape, ctx.has_bias = call, x.shape, bias is not None
+        if not weight.requires_grad:
+            call.state.record(x, (), 0)
+            ctx.save_for_backward(weight)
+            return
+        factors = call.state.compress(x, call.layout)
+        if type(factors) not in call.family.weight_grads:
+            raise TypeError(
+                f"{call.state.describe()}: method {call.compressor.name!r} keeps {type(factors).__name__} "
+                f"factors, for which the {call.family.name} kernel has no weight gradient"
+            )
+        ctx.kind, ctx.meta = type(factors), factors.meta()
+        ctx.save_for_backward(weight, *factors.tensors())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        weight, *saved = ctx.saved_tensors
+        call: _Call = ctx.call
+        family = call.family
+        grad = call.compressor.filter_grad(grad_out, call.layout)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = family.input_grad(grad, weight.to(grad.dtype), ctx.input_shape, call.geometry)
+        if ctx.needs_input_grad[1]:
+            factors = ctx.kind.from_tensors(tuple(saved), **ctx.meta)
+            grad_w = family.weight_grads[ctx.kind](factors, grad, weight.shape, call.geometry).to(weight.dtype)
+            if call.state.observers:
+                record = BackwardRecord(call.state, family.name, call.geometry, factors, grad, ctx.input_shape, weight.shape)
+                for observer in list(call.state.observers):
+                    observer(record)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = family.bias_grad(grad_out).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def run_layer(registration: Registration, module: nn.Module, x: Tensor, state: Any) -> Tensor:
+    """Run ``module`` on x through its family's functions, keeping factors of x for backward.
+
+    Layers the method leaves exact (``runs_plain``: Gradient Filter on Linear) run the module's
+    own forward under plain autograd; their stats say the input was kept.
+    """
+    family = registration.family
+    assert family is not None
+    weight, bias = registration.params(module)
+    geometry = family.geometry(module)
+    given = x
+    x, added = family.batch(module, x)
+    layout = family.layout(geometry, x)
+    compressor: Compressor = state.compressor
+    if compressor.runs_plain(layout):
+        state.record(x, (), x.numel() * x.element_size() if weight.requires_grad else 0)
+        return base_type(module).forward(module, given)
+    else:
+        dtype = autocast_dtype(x)
+        x = cast(x, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = CompressedOp.apply(x, weight, bias, _Call(family, geometry, layout, state, compressor, dtype))
+    return y.squeeze(0) if added else y

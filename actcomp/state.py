@@ -1,0 +1,128 @@
+"""The public per-layer state of a compressed module: settings, last stats, method state.
+
+``actcomp.layer_state(module)`` returns it for a compressed module (None otherwise). It is the
+one place where what a layer is asked to do (``config``), what it did in its last training
+forward (``last``) and what its method carries between steps (``method_state``, e.g. asi's
+tracked subspaces) live; measure, finetune, the optimizers and the tests read it there.
+``state_dict()`` gives it as tensors, numbers and dicts (loadable with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from torch import Tensor
+
+from actcomp.config import CompressionConfig, LayerStats
+from actcomp.decompose import NonFiniteActivationError
+from actcomp.factors import Factors
+from actcomp.methods import Compressor, InputLayout
+
+
+@dataclass(frozen=True)
+class BackwardRecord:
+    """What a compressed layer's backward has at hand: its state, the family's name and
+    geometry, the factors of its input, the output gradient dY (after the method's filter),
+    the input's shape and the weight's shape (in the family's layout)."""
+
+    state: "LayerState"
+    family: str
+    geometry: Any
+    factors: Factors
+    grad_out: Tensor
+    input_shape: torch.Size
+    weight_shape: torch.Size
+
+
+@dataclass
+class LayerState:
+    """Attached to a compressed module: its qualified name and type, its settings, the method
+    object, the method's carried state, its last stats, and whether it is active.
+
+    ``active`` is False inside :func:`actcomp.suspended` (the layer then runs plain autograd
+    and its state is left as it is). ``runs`` counts the training forwards the kernel ran.
+    ``observers`` are called in the layer's backward with a :class:`BackwardRecord` (the
+    factors and the output gradient), e.g. by optimizers that build curvature statistics from
+    the factors instead of the input; they must not keep the record beyond the call.
+    """
+
+    name: str
+    layer_type: str
+    config: CompressionConfig
+    last: LayerStats | None = None
+    method_state: Any = None
+    active: bool = True
+    runs: int = 0
+    observers: list[Callable[["BackwardRecord"], None]] = field(default_factory=list, repr=False, compare=False)
+    compressor: Compressor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.compressor = self.config.compressor()
+        if self.method_state is None:
+            self.method_state = self.compressor.new_state()
+
+    @property
+    def tracker(self) -> Any:
+        """The method's carried state (for ``asi`` a :class:`~actcomp.decompose.SubspaceTracker`)."""
+        return self.method_state
+
+    @tracker.setter
+    def tracker(self, value: Any) -> None:
+        self.method_state = value
+
+    def describe(self) -> str:
+        return f"layer '{self.name}' ({self.layer_type})"
+
+    def configure(self, config: CompressionConfig) -> None:
+        """New settings; the carried state is kept when the method stays the same."""
+        same = config.method == self.config.method
+        self.config = config
+        self.compressor = config.compressor()
+        if not same:
+            self.method_state = self.compressor.new_state()
+
+    def compress(self, x: Tensor, layout: InputLayout) -> Factors:
+        """The method's factors of x, with the stats recorded; NaN/Inf in x raise
+        FloatingPointError naming the layer (a non-finite activation has no subspace, and a
+        silent fallback would hide a diverged run and break the planned memory)."""
+        try:
+            factors = self.compressor.compress(x, layout, self.method_state)
+        except NonFiniteActivationError:
+            raise FloatingPointError(
+                f"{self.describe()}: its input holds NaN or Inf, so no low-rank subspace exists; "
+                "the training run has diverged (lower the learning rate, check the data) or use "
+                "method='none' for this layer"
+            ) from None
+        self.record(x, self.compressor.ranks(factors), factors.nbytes)
+        return factors
+
+    def record(self, x: Tensor, ranks: tuple[int, ...], kept_bytes: int) -> None:
+        """Stats of this training forward: the input's shape and bytes, ranks, bytes kept."""
+        self.runs += 1
+        self.last = LayerStats(
+            name=self.name,
+            layer_type=self.layer_type,
+            method=self.config.method,
+            eps=self.config.eps,
+            input_shape=tuple(x.shape),
+            ranks=tuple(ranks),
+            kept_bytes=kept_bytes,
+            input_bytes=x.numel() * x.element_size(),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and carried method state as plain data (tensors, numbers, strings, dicts)."""
+        return {
+            "method": self.config.method,
+            "eps": self.config.eps,
+            "patch": self.config.patch,
+            "method_state": self.compressor.state_dict(self.method_state),
+        }
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave (settings and the method's carried state)."""
+        self.configure(CompressionConfig(data["method"], data["eps"], data["patch"]))
+        self.method_state = self.compressor.load_state_dict(data.get("method_state", {}))
