@@ -173,8 +173,8 @@ class SyncFreeState:
 
     ``margin``: spare capacity beyond the last rank, as a fraction of it (at least 1 column: a
     spare column costs memory in every mode's direction of the core).
-    ``iterations``: subspace-iteration steps per mode and step; ``sample_iterations`` for mode 0
-    (the batch: its carried basis comes from an unrelated batch). ``bases[n]``: mode n's
+    ``iterations``: subspace-iteration steps per mode and step; ``sample_iterations`` for the
+    sample modes (the batch: its carried basis comes from an unrelated batch). ``bases[n]``: mode n's
     carried basis (its width is the capacity). ``steps``: factorisations; ``initialisations``:
     those that ran the exact ``hosvd`` (with host syncs); ``shortfalls``: mode-steps whose
     capacity explained less than eps (as far as the host has read the records);
@@ -206,8 +206,8 @@ class SyncFreeState:
             q.shape[0] == size and q.device == x.device and q.dtype == dtype for q, size in zip(self.bases, x.shape)
         )
 
-    def _iteration_counts(self, n_modes: int) -> list[int]:
-        return [self.sample_iterations] + [self.iterations] * (n_modes - 1)
+    def _iteration_counts(self, n_modes: int, sample_modes: int = 1) -> list[int]:
+        return [self.sample_iterations] * sample_modes + [self.iterations] * (n_modes - sample_modes)
 
     def _spare(self, rank: int) -> int:
         return max(1, math.ceil(self.margin * rank))
@@ -325,7 +325,7 @@ class SyncFreeState:
 
 
 @torch.no_grad()
-def syncfree_hosvd(x: Tensor, eps: float, state: SyncFreeState) -> Tucker:
+def syncfree_hosvd(x: Tensor, eps: float, state: SyncFreeState, sample_modes: int = 1) -> Tucker:
     """Tucker factorisation of x with no host sync in the steady state (see the module doc).
 
     Reads the device records that have reached the host (:meth:`SyncFreeState.collect`: may
@@ -335,7 +335,9 @@ def syncfree_hosvd(x: Tensor, eps: float, state: SyncFreeState) -> Tucker:
     On the host the step runs on one intra-op thread (its many small products would otherwise
     each wait for a second thread; there is no sync to avoid on the host anyway).
     The factors have the capacities' widths, their columns beyond each device-chosen rank zero,
-    and ``reconstruct()`` is the orthogonal projection of x onto the chosen subspaces.
+    and ``reconstruct()`` is the orthogonal projection of x onto the chosen subspaces. The
+    first ``sample_modes`` modes (batch; a Linear input's leading modes) take
+    ``state.sample_iterations`` subspace-iteration steps, the others ``state.iterations``.
     """
     eps = check_eps(eps)
     if x.ndim < 1 or x.numel() == 0:
@@ -345,6 +347,7 @@ def syncfree_hosvd(x: Tensor, eps: float, state: SyncFreeState) -> Tucker:
     if not state._matches(x):
         return state._initialise(x, eps)
     with _one_thread() if x.device.type == "cpu" else nullcontext():
-        tucker, state.bases, record = syncfree_step(x, eps, state.bases, state._iteration_counts(x.ndim))
+        counts = state._iteration_counts(x.ndim, min(sample_modes, x.ndim))
+        tucker, state.bases, record = syncfree_step(x, eps, state.bases, counts)
     state._post(record)
     return tucker
