@@ -75,27 +75,30 @@ def main() -> None:
             fns["old"] = lambda: old(x, args.eps)
         medians = interleaved_medians(fns, device, args.rounds, args.per_round)
         new = hosvd(x, args.eps)
+        energy = float(x.double().pow(2).sum())
+        kept = lambda t: f"{float(t.core.double().pow(2).sum()) / energy:.3f}"  # noqa: E731  ||S||^2 / ||X||^2
         row = [name, f"{medians['hosvd']:.2f}"]
         if old is not None:
             before = old(x, args.eps)
-            row += [f"{medians['old']:.2f}", f"**{medians['old'] / medians['hosvd']:.2f}**", str(before.ranks), f"{before.nbytes / 2**20:.3f}"]
-        row += [str(new.ranks), f"{new.nbytes / 2**20:.3f}", f"{medians['syncfree']:.2f}", str(state.capacities)]
+            row += [f"{medians['old']:.2f}", f"**{medians['old'] / medians['hosvd']:.2f}**", str(before.ranks), f"{before.nbytes / 2**20:.3f}", kept(before)]
+        row += [str(new.ranks), f"{new.nbytes / 2**20:.3f}", kept(new), f"{medians['syncfree']:.2f}", str(state.capacities)]
         rows.append(row)
         print(" | ".join(row), flush=True)
     header = ["layer input", "hosvd ms"]
     if old is not None:
-        header += [f"{args.against} hosvd ms", "speed-up", f"{args.against} ranks", f"{args.against} MiB"]
-    header += ["ranks", "MiB", "syncfree ms", "syncfree capacities"]
+        header += [f"{args.against} hosvd ms", "speed-up", f"{args.against} ranks", f"{args.against} MiB", f"{args.against} energy kept"]
+    header += ["ranks", "MiB", "energy kept", "syncfree ms", "syncfree capacities"]
     threads = f" --threads {args.threads}" if args.threads else ""
     against = f" --against {args.against}" if args.against else ""
     command = f"python bench/decompose.py --device {device.type} --batch {batch}{against} --eps {args.eps}{threads} --rounds {args.rounds} --per-round {args.per_round}"
     text = (
         f"## Decomposition alone, {device.type}, batch {batch}, eps {args.eps}\n\n"
         f"Machine: {machine(device)}. Command: `{command}`. Medians of {args.rounds * args.per_round} calls each, "
-        "alternating; syncfree in its steady state on a fresh batch every call.\n\n"
+        "alternating; syncfree in its steady state on a fresh batch every call. MiB: the factors' bytes; "
+        "energy kept: ||S||^2 / ||X||^2 of the core.\n\n"
         f"{markdown_table(header, rows)}\n"
     )
-    publish(f"decompose-{device.type}", text, args.write)
+    publish(f"decompose-{device.type}" + (f"-{args.threads}thread" if args.threads else ""), text, args.write)
 
 
 if __name__ == "__main__":
