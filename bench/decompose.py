@@ -92,7 +92,7 @@ def main() -> None:
     against = f" --against {args.against}" if args.against else ""
     command = f"python bench/decompose.py --device {device.type} --batch {batch}{against} --eps {args.eps}{threads} --rounds {args.rounds} --per-round {args.per_round}"
     text = (
-        f"## Decomposition alone, {device.type}, batch {batch}, eps {args.eps}\n\n"
+        f"## Decomposition alone, {device.type}, batch {batch}, eps {args.eps}{f', {args.threads} thread' if args.threads else ''}\n\n"
         f"Machine: {machine(device)}. Command: `{command}`. Medians of {args.rounds * args.per_round} calls each, "
         "alternating; syncfree in its steady state on a fresh batch every call. MiB: the factors' bytes; "
         "energy kept: ||S||^2 / ||X||^2 of the core.\n\n"

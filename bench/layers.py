@@ -95,7 +95,7 @@ def main() -> None:
     threads = f" --threads {args.threads}" if args.threads else ""
     command = f"python bench/layers.py --device {device.type} --batch {batch} --methods {args.methods} --eps {args.eps}{threads} --rounds {args.rounds} --per-round {args.per_round}"
     text = (
-        f"## Per-layer forward+backward, {device.type}, batch {batch}, eps {args.eps}\n\n"
+        f"## Per-layer forward+backward, {device.type}, batch {batch}, eps {args.eps}{f', {args.threads} thread' if args.threads else ''}\n\n"
         f"Machine: {machine(device)}. Command: `{command}`. "
         f"Medians of {args.rounds * args.per_round} runs each, plain and compressed alternating.\n\n{table}\n"
     )

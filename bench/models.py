@@ -91,7 +91,8 @@ def main() -> None:
         f"--eps {args.eps}{f' --threads {args.threads}' if args.threads else ''} --rounds {args.rounds} --per-round {args.per_round}"
     )
     text = (
-        f"## Whole-model training step, {device.type}, batch {batch}, {size}x{size}, eps {args.eps}\n\n"
+        f"## Whole-model training step, {device.type}, batch {batch}, {size}x{size}, eps {args.eps}"
+        f"{f', {args.threads} thread' if args.threads else ''}\n\n"
         f"Machine: {machine(device)}. Command: `{command}`. Medians of {args.rounds * args.per_round} SGD steps each, "
         "variants alternating; kept = everything autograd keeps in one step (all modules).\n\n"
         f"{markdown_table(header, rows)}\n"
