@@ -303,6 +303,18 @@ class SyncFreeState:
                 event.synchronize()
         self.collect()
 
+    def __deepcopy__(self, memo: dict) -> "SyncFreeState":
+        """A copy that behaves as this state would from here on: bases, settings, counters and
+        the records already on the host (a record still in flight is dropped: its CUDA event
+        cannot be copied)."""
+        pending = deque((host.clone(), None) for host, event in self._pending if event is None or event.query())
+        return SyncFreeState(
+            margin=self.margin, iterations=self.iterations, sample_iterations=self.sample_iterations,
+            bases=[q.clone() for q in self.bases], steps=self.steps, initialisations=self.initialisations,
+            shortfalls=self.shortfalls, ranks=self.ranks, fractions=self.fractions,
+            records_read=self.records_read, _pending=pending,
+        )
+
     def state_dict(self) -> dict:
         """Bases, settings and counters as tensors and numbers (records in flight are not kept)."""
         return {

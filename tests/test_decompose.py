@@ -10,6 +10,7 @@ from tensorly.tenalg import mode_dot, svd_interface
 from actcomp.decompose import (
     NonFiniteActivationError,
     SubspaceTracker,
+    _device_scaled,
     _leading_subspace,
     explained_rank,
     hosvd,
@@ -220,6 +221,23 @@ def test_finite_extremes_are_decomposed_as_if_rescaled(name, magnitude):
         assert torch.equal(a, b * 2.0**exponent if i == first_non_orthonormal else b)
     reference = DECOMPOSITIONS[name](x.double() / magnitude)  # float64: no overflow
     assert rel_err(ours.reconstruct().double() / magnitude, reference.reconstruct()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_scaling_is_an_exact_power_of_two_and_passes_nan(dtype):
+    """The accelerators' scaling (no host read): x / 2^e with max|x| = m 2^e, m in [0.5, 1)."""
+    for magnitude in (1e18, 3.0, 1e-30, 0.0):
+        x = torch.randn(5, 7, dtype=dtype) * magnitude
+        scaled, scale, amax = _device_scaled(x)
+        assert float(amax) == float(x.abs().max())
+        if magnitude:
+            assert 0.5 <= float(scaled.abs().max()) < 1.0
+            assert math.frexp(float(scale))[0] == 0.5  # a power of two
+        assert torch.equal(scaled * scale, x)
+    x = torch.randn(5, 7, dtype=dtype)
+    x[2, 3] = float("nan")
+    scaled, scale, amax = _device_scaled(x)
+    assert math.isnan(float(amax)) and float(scale) == 1.0
 
 
 def test_zero_input_keeps_rank_one():

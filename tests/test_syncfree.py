@@ -171,6 +171,18 @@ def test_nonfinite_raises_at_the_next_collect_and_extremes_are_finite():
         syncfree_hosvd(bad, 0.8, SyncFreeState())  # the initialising step is hosvd: raises at once
 
 
+def test_deepcopy_continues_identically():
+    state = SyncFreeState()
+    for seed in range(3):
+        syncfree_hosvd(smooth(8, 6, 6, seed), 0.8, state)  # leaves a record pending
+    twin = copy.deepcopy(state)
+    assert twin.capacities == state.capacities and len(twin._pending) == len(state._pending) == 1
+    for seed in (7, 8):
+        a, b = syncfree_hosvd(smooth(8, 6, 6, seed), 0.8, state), syncfree_hosvd(smooth(8, 6, 6, seed), 0.8, twin)
+        assert all(torch.equal(p, q) for p, q in zip(a.tensors(), b.tensors()))
+    assert twin.bases[0].data_ptr() != state.bases[0].data_ptr()
+
+
 def test_shape_change_reinitialises_and_state_dict_round_trips():
     state = SyncFreeState()
     for seed in range(3):
