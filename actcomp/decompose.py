@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 from numbers import Real
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -41,6 +41,7 @@ __all__ = [
     "hosvd",
     "mode_gram",
     "truncated_svd",
+    "truncation_order",
 ]
 
 
@@ -128,13 +129,14 @@ def mode_gram(x: Tensor, mode: int) -> Tensor:
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    """Run the enclosed host LAPACK call on one intra-op thread, then restore the setting.
+    """Run the enclosed host work on one intra-op thread, then restore the setting.
 
-    The eigen-decompositions and QR factorisations here are of small matrices (at most a few
-    thousand rows): a tridiagonal reduction synchronises its threads at every column, and on a
-    machine whose cores are busy with other work each of those barriers can wait a whole
-    scheduler tick (measured on a shared 2-core host: eigh of a 128 x 128 matrix 0.7 ms on one
-    thread, 540 ms on two). The setting is process-wide for the duration of the call.
+    Used for the eigen-decompositions and QR factorisations (small matrices: a tridiagonal
+    reduction synchronises its threads at every column) and for products on small tensors
+    (:func:`_threads_for`). On a machine whose cores are busy with other work each of those
+    synchronisations can wait a whole scheduler tick (measured on a shared 2-core host: eigh of
+    a 128 x 128 matrix 0.7 ms on one thread, 540 ms on two). The setting is process-wide for the
+    duration of the block.
     """
     threads = torch.get_num_threads()
     if threads == 1:
@@ -302,7 +304,7 @@ def _leading_subspace(gram: Tensor, eps: float, host: Tensor | None = None) -> T
         block = max(16, n // 16)
         basis, image = host.new_empty(n, 0), host.new_empty(n, 0)  # Q and G Q
         captured = 0.0
-        while captured < target and basis.shape[1] < n:
+        while basis.shape[1] == 0 or (captured < target and basis.shape[1] < n):  # one block at least
             w = torch.randn(n, min(block, n - basis.shape[1]), generator=generator, dtype=host.dtype)
             for _ in range(_POWER_STEPS + 1):
                 w = host @ w
