@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import re
 import statistics
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+_LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def sync(device: torch.device) -> None:
@@ -46,10 +48,15 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
 
 
 def machine(device: torch.device) -> str:
+    """Device, torch version, date; on the host the thread count and the 1-minute load average
+    at the start and end of the run (the benchmark host is shared with other work)."""
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        what = f"{platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''}"
+        if _LOAD_AT_START is not None:
+            what += f", load average {_LOAD_AT_START:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"
     return f"{what}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
 
 

@@ -1,6 +1,6 @@
 """Per-layer forward+backward time and bytes kept: compressed vs plain autograd.
 
-    python bench/layers.py [--device cpu|cuda] [--methods hosvd,asi,svd] [--eps 0.8] [--write]
+    python bench/layers.py [--device cpu|cuda] [--methods hosvd,asi,svd] [--eps 0.8] [--threads N] [--write]
 
 For each of six MobileNetV2/ResNet layer shapes, the input is post-ReLU and spatially smooth
 (relu(avg_pool3x3(randn))) and requires grad (a middle layer: dX is computed too). Plain and
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root first, so that this checkout's actcomp is measured (not an installed one).
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import actcomp  # noqa: E402
 from common import interleaved_medians, machine, markdown_table, publish  # noqa: E402
 
@@ -56,8 +57,11 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 32)
     methods = [m for m in args.methods.split(",") if m]
@@ -88,13 +92,14 @@ def main() -> None:
         rows.append(row)
         print(" | ".join(row), flush=True)
     table = markdown_table(header, rows)
-    command = f"python bench/layers.py --device {device.type} --batch {batch} --methods {args.methods} --eps {args.eps} --rounds {args.rounds} --per-round {args.per_round}"
+    threads = f" --threads {args.threads}" if args.threads else ""
+    command = f"python bench/layers.py --device {device.type} --batch {batch} --methods {args.methods} --eps {args.eps}{threads} --rounds {args.rounds} --per-round {args.per_round}"
     text = (
-        f"## Per-layer forward+backward, {device.type}, batch {batch}, eps {args.eps}\n\n"
+        f"## Per-layer forward+backward, {device.type}, batch {batch}, eps {args.eps}{f', {args.threads} thread' if args.threads else ''}\n\n"
         f"Machine: {machine(device)}. Command: `{command}`. "
         f"Medians of {args.rounds * args.per_round} runs each, plain and compressed alternating.\n\n{table}\n"
     )
-    publish(f"layers-{device.type}", text, args.write)
+    publish(f"layers-{device.type}" + (f"-{args.threads}thread" if args.threads else ""), text, args.write)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Whole-model training step: compressed vs plain autograd, time and bytes kept.
 
-    python bench/models.py [--device cpu|cuda] [--size 96] [--methods asi,hosvd] [--write]
+    python bench/models.py [--device cpu|cuda] [--size 96] [--methods asi,hosvd] [--threads N] [--write]
 
 torchvision mobilenet_v2 and resnet18 (random weights, 10 classes), SGD step on a fixed batch,
 with the last 4 and with all Conv/Linear layers compressed (layers chosen in execution order).
@@ -20,7 +20,8 @@ import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root first, so that this checkout's actcomp is measured (not an installed one).
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import actcomp  # noqa: E402
 from common import interleaved_medians, machine, markdown_table, publish  # noqa: E402
 
@@ -54,8 +55,11 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 32)
     size = args.size or (224 if device.type == "cuda" else 96)
@@ -84,15 +88,16 @@ def main() -> None:
     header = ["model", "compressed", "plain ms", "compressed ms", "time ratio", "plain kept", "compressed kept", "kept ratio"]
     command = (
         f"python bench/models.py --device {device.type} --batch {batch} --size {size} --methods {args.methods} "
-        f"--eps {args.eps} --rounds {args.rounds} --per-round {args.per_round}"
+        f"--eps {args.eps}{f' --threads {args.threads}' if args.threads else ''} --rounds {args.rounds} --per-round {args.per_round}"
     )
     text = (
-        f"## Whole-model training step, {device.type}, batch {batch}, {size}x{size}, eps {args.eps}\n\n"
+        f"## Whole-model training step, {device.type}, batch {batch}, {size}x{size}, eps {args.eps}"
+        f"{f', {args.threads} thread' if args.threads else ''}\n\n"
         f"Machine: {machine(device)}. Command: `{command}`. Medians of {args.rounds * args.per_round} SGD steps each, "
         "variants alternating; kept = everything autograd keeps in one step (all modules).\n\n"
         f"{markdown_table(header, rows)}\n"
     )
-    publish(f"models-{device.type}", text, args.write)
+    publish(f"models-{device.type}" + (f"-{args.threads}thread" if args.threads else ""), text, args.write)
 
 
 if __name__ == "__main__":

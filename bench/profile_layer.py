@@ -1,6 +1,6 @@
 """Where the time of one compressed layer goes: torch.profiler's table of the top ops.
 
-    python bench/profile_layer.py --shape "dw3x3 576ch 14x14" [--device cuda] [--method hosvd]
+    python bench/profile_layer.py --shape "dw3x3 576ch 14x14" [--device cuda] [--method hosvd] [--threads N]
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root first, so that this checkout's actcomp is measured (not an installed one).
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import actcomp  # noqa: E402
 from layers import SHAPES, smooth_input  # noqa: E402
 
@@ -25,7 +26,10 @@ def main() -> None:
     parser.add_argument("--method", default="hosvd")
     parser.add_argument("--eps", type=float, default=0.8)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 32)
     c_in, c_out, k, groups, size = SHAPES[args.shape]
@@ -45,7 +49,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"{args.shape}, {args.method}, batch {batch}, {device}: 5 steps")
+    print(f"{args.shape}, {args.method}, batch {batch}, {device}, {torch.get_num_threads()} threads: 5 steps")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
 
 

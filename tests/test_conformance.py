@@ -101,6 +101,7 @@ METHOD_ROWS = {
     "hosvd": dict(eps=0.8),
     "asi": dict(eps=0.8),
     "svd": dict(eps=0.8),
+    "syncfree": dict(eps=0.8),
     "gradient_filter": dict(eps=None, config=actcomp.CompressionConfig("gradient_filter", patch=2)),
     "none": dict(eps=None, config=actcomp.CompressionConfig("none")),
 }

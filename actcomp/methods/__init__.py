@@ -124,5 +124,6 @@ def method_class(name: str) -> type[Compressor]:
 from actcomp.methods import hosvd as _hosvd  # noqa: E402,F401  (registration order = documentation order)
 from actcomp.methods import asi as _asi  # noqa: E402,F401
 from actcomp.methods import svd as _svd  # noqa: E402,F401
+from actcomp.methods import syncfree as _syncfree  # noqa: E402,F401
 from actcomp.methods import gradient_filter as _gradient_filter  # noqa: E402,F401
 from actcomp.methods import none as _none  # noqa: E402,F401

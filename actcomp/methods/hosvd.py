@@ -1,8 +1,10 @@
 """Method ``"hosvd"``: a Tucker factorisation over every mode of the input.
 
-For every mode n the factor U_n holds the top eigenvectors of the Gram matrix of the mode-n
-unfolding, K_n the smallest rank whose eigenvalues explain a fraction eps of ||X||_F^2; the
-core is S = X x_0 U_0^T x_1 U_1^T ... (see :func:`actcomp.decompose.hosvd`).
+The modes are truncated one after another, smallest first: mode n's factor U_n holds the top
+eigenvectors of the Gram matrix of the unfolding of X already projected on the earlier modes,
+K_n the smallest rank explaining a fraction eps of that tensor's energy, so that
+||X - X~||^2 <= (1 - eps^N) ||X||^2; the core is the last projected tensor (see
+:func:`actcomp.decompose.hosvd`).
 """
 
 from __future__ import annotations
