@@ -12,13 +12,14 @@ from torch import Tensor, nn
 from actcomp.decompose import hosvd, truncated_svd
 from actcomp.factors import Tucker
 
-# (name, Conv2d kwargs): stride, dilation, groups, padding, padding_mode, bias
+# (name, Conv2d kwargs, kernel 3 unless given): stride, dilation, groups, padding, padding_mode, bias
 CONV_CASES = [
     ("plain", dict(stride=1, padding=1)),
     ("stride2", dict(stride=2, padding=1, bias=False)),
     ("dilated-grouped", dict(dilation=2, padding=2, groups=2)),
     ("depthwise", dict(padding=1, groups=4, bias=False)),
     ("same", dict(padding="same", dilation=2)),
+    ("same-even", dict(kernel_size=4, padding="same")),  # asymmetric padding
     ("reflect", dict(padding=1, padding_mode="reflect", stride=2)),
     ("circular", dict(padding=2, padding_mode="circular", bias=False)),
     ("replicate-nopad", dict(padding=0, padding_mode="replicate")),
@@ -67,3 +68,8 @@ def record_reconstructions(module: nn.Module) -> list[Tensor]:
     seen: list[Tensor] = []
     layer_state(module).observers.append(lambda record: seen.append(record.factors.reconstruct()))
     return seen
+
+
+def make_conv(kwargs: dict, in_channels: int = 4, out_channels: int = 8) -> nn.Conv2d:
+    """A float64 Conv2d of a CONV_CASES entry."""
+    return nn.Conv2d(in_channels, out_channels, **{"kernel_size": 3, **kwargs}).to(torch.float64)

@@ -8,7 +8,7 @@ from torch import nn
 from actcomp.factors import PatchMeans
 from actcomp.kernels.conv import ConvGeometry
 from actcomp.optim.roots import kfac_root, patch_mean_matrix
-from optim_cases import CONV_CASES, PRODUCERS, dense_rows
+from optim_cases import CONV_CASES, PRODUCERS, dense_rows, make_conv
 
 DT = torch.float64
 
@@ -34,7 +34,7 @@ def test_linear_root(shape, bias, producer, approx):
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
 def test_conv2d_root(case, producer, approx):
     _, kwargs = case
-    layer = nn.Conv2d(4, 8, 3, **kwargs).to(DT)
+    layer = make_conv(kwargs)
     x = torch.randn(3, 4, 9, 8, dtype=DT)
     factors = PRODUCERS[producer](x)
     z = kfac_root("conv", factors, ConvGeometry.of(layer), layer.weight.shape, layer.bias is not None, approx)

@@ -7,7 +7,7 @@ from torch import nn
 
 from actcomp.kernels.conv import ConvGeometry
 from actcomp.optim.samples import SampleFactors, factor_samples, input_samples, output_samples
-from optim_cases import CONV_CASES, PRODUCERS
+from optim_cases import CONV_CASES, PRODUCERS, make_conv
 
 DT = torch.float64
 
@@ -25,7 +25,7 @@ def test_linear_samples_from_factors(shape, bias, producer):
 @pytest.mark.parametrize("producer", sorted(PRODUCERS))
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
 def test_conv2d_samples_from_factors(case, producer):
-    layer = nn.Conv2d(4, 8, 3, **case[1]).to(DT)
+    layer = make_conv(case[1])
     factors = PRODUCERS[producer](torch.randn(3, 4, 9, 8, dtype=DT))
     geometry, bias = ConvGeometry.of(layer), layer.bias is not None
     samples = factor_samples("conv", factors, geometry, layer.weight.shape, bias)
@@ -37,7 +37,7 @@ def test_conv2d_samples_from_factors(case, producer):
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if "groups" not in c[1]], ids=lambda c: c[0])
 def test_patch_means_times_weight_are_mean_outputs(case):
     """For groups=1, I_j . vec(W) = sample j's conv output (no bias) averaged over locations."""
-    layer = nn.Conv2d(4, 8, 3, **case[1]).to(DT)
+    layer = make_conv(case[1])
     x = torch.randn(3, 4, 9, 8, dtype=DT)
     rows = input_samples(x, ConvGeometry.of(layer), layer.weight.shape, False).reconstruct()
     out = nn.functional.conv2d(
