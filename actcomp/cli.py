@@ -94,9 +94,27 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_optimizers(args: argparse.Namespace) -> int:
+    from actcomp.optim.compare import format_points, run_optimizer_compare, write_points_csv
+
+    names = tuple(n.strip() for n in args.optimizers.split(","))
+    CompressionConfig("hosvd", args.eps)
+    points = run_optimizer_compare(
+        optimizers=names, layers=args.max_layers, eps=args.eps, pretrain_epochs=args.pretrain_epochs,
+        finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+    )
+    print(f"Optimizers on the last {args.max_layers} layers, hosvd eps {args.eps:g} (same activation memory for all)")
+    print(format_points(points))
+    print(f"wrote {write_points_csv(points, Path(args.out) / 'optimizers.csv')}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from actcomp.compare import run_compare, write_csv
     from actcomp.plots import plot_compare
+
+    if args.optimizers:
+        return _compare_optimizers(args)
 
     methods = tuple(m.strip() for m in args.methods.split(","))
     patches = tuple(int(p) for p in args.patches.split(","))
@@ -193,7 +211,8 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
     if training:
         p.add_argument("--epochs", type=int, default=5)
         p.add_argument("--lr", type=float, default=3e-3)
-        p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "adam"])
+        p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "adam", "singd", "hylo"],
+                       help="singd and hylo build their curvature from the stored factors (see README)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--out", default="actcomp-compare", help="directory for compare.png and compare.csv")
     compare.add_argument("--no-progress", action="store_true")
+    compare.add_argument(
+        "--optimizers", metavar="LIST",
+        help="compare optimizers instead (sgd,adam,singd,hylo): hosvd at --eps on the last --max-layers layers; writes optimizers.csv",
+    )
     compare.set_defaults(run=_compare)
 
     export = sub.add_parser(
