@@ -17,7 +17,8 @@ from actcomp.optim.hylo import HyLo
 from actcomp.optim.roots import kfac_root
 from actcomp.optim.samples import SampleFactors, factor_samples
 
-__all__ = ["HyLo", "SINGD", "SampleFactors", "factor_samples", "kfac_root"]
+# SINGD is left out of __all__ so that a star import works without the optional singd package
+__all__ = ["HyLo", "SampleFactors", "factor_samples", "kfac_root"]
 
 
 def __getattr__(name: str) -> Any:

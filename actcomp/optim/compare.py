@@ -162,6 +162,11 @@ def run_optimizer_compare(
     for name in optimizers:
         if name not in DEFAULT_LR:
             raise ValueError(f"unknown optimizer {name!r}; one of {', '.join(DEFAULT_LR)}")
+    if "singd" in optimizers:
+        try:
+            from actcomp.optim import SINGD  # noqa: F401
+        except ImportError as error:  # before any training: the command line's one-line error
+            raise ValueError(str(error)) from None
     rates = {**DEFAULT_LR, **(lrs or {})}
     task = make_task(pretrain_epochs, batch_size, seed, progress)
     names = last_layers(task, layers)

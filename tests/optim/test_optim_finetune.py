@@ -42,9 +42,10 @@ def test_finetune_without_singd_is_one_line(tmp_path, monkeypatch, capsys):
     for name in [m for m in sys.modules if m == "singd" or m.startswith("singd.")] + ["actcomp.optim.singd"]:
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setitem(sys.modules, "singd", None)
-    assert main(["finetune", "--optimizer", "singd", "--out", str(tmp_path), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "actcomp[singd]" in err and len(err.strip().splitlines()) == 1
+    for argv in (["finetune", "--optimizer", "singd"], ["compare", "--optimizers", "sgd,singd"]):
+        assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "actcomp[singd]" in err and len(err.strip().splitlines()) == 1
 
 
 def test_state_bytes_counts_what_each_optimizer_keeps():
