@@ -15,6 +15,7 @@ weight) get the stock hook.
 from __future__ import annotations
 
 from math import sqrt
+from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -30,6 +31,26 @@ except ImportError as error:  # pragma: no cover - exercised by a test that hide
     raise ImportError(
         "actcomp.optim.SINGD needs the singd package: pip install 'actcomp[singd]' (or pip install singd)"
     ) from error
+
+
+# the optimizer attributes holding one structured matrix per layer name
+_MATRIX_ATTRIBUTES = ("Ks", "Cs", "m_Ks", "m_Cs", "H_Ks", "H_Cs")
+
+
+def matrix_data(matrix: Any) -> dict[str, Any]:
+    """A singd structured matrix as plain data: its class name and its tensors in the order
+    its constructor takes them (every structure singd.SINGD supports registers them so)."""
+    return {"structure": type(matrix).__name__, "tensors": [t for _, t in matrix.named_tensors()]}
+
+
+def matrix_from_data(data: Any) -> Any:
+    """The structured matrix :func:`matrix_data` describes (a matrix object passes through)."""
+    if not isinstance(data, dict):
+        return data
+    classes = {cls.__name__: cls for cls in _StockSINGD.SUPPORTED_STRUCTURES.values()}
+    if data["structure"] not in classes:
+        raise ValueError(f"SINGD state holds an unknown structure {data['structure']!r}; known: {', '.join(sorted(classes))}")
+    return classes[data["structure"]](*data["tensors"])
 
 
 class SINGD(_StockSINGD):
@@ -55,6 +76,23 @@ class SINGD(_StockSINGD):
             for module in module_names
         ]
         return module_names, taps
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stock state with every structured matrix as plain data (class name and
+        tensors), so that a checkpoint loads with ``torch.load(..., weights_only=True)``."""
+        data = super().state_dict()
+        for key in _MATRIX_ATTRIBUTES:
+            data[key] = {name: matrix_data(m) for name, m in data[key].items()}
+        return data
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave (or a stock singd state dict); the given dict
+        is left as it is."""
+        state_dict = dict(state_dict)
+        for key in _MATRIX_ATTRIBUTES:
+            if key in state_dict:
+                state_dict[key] = {name: matrix_from_data(m) for name, m in state_dict[key].items()}
+        super().load_state_dict(state_dict)
 
     def remove_hooks(self) -> None:
         """Detach every hook and observer this optimizer installed on the model."""

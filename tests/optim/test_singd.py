@@ -144,3 +144,35 @@ def test_missing_singd_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "singd", None)
     with pytest.raises(ImportError, match=r"actcomp\[singd\]"):
         from actcomp.optim import SINGD  # noqa: F401
+
+
+@pytest.mark.filterwarnings("ignore:Calling naive implementation")
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_state_dict_loads_with_weights_only_and_resumes_exactly(structure, tmp_path):
+    """The state dict is plain data: saved, loaded with weights_only=True into a new
+    optimizer, it continues exactly as the uninterrupted run."""
+    pytest.importorskip("singd")
+    from actcomp.optim import SINGD
+
+    torch.manual_seed(0)
+    model = actcomp.compress(nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 31)), method="hosvd", eps=0.9)
+    twin = copy.deepcopy(model)
+    x, target = torch.randn(4, 3, 6, 6), torch.randint(0, 31, (4,))
+    options = dict(lr=0.05, T=2, structures=(structure, structure))
+
+    def train(net, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), target).backward()
+            optimizer.step()
+
+    train(model, SINGD(model, **options), 5)
+    first = SINGD(twin, **options)
+    train(twin, first, 3)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    first.remove_hooks()
+    second = SINGD(twin, **options)
+    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    train(twin, second, 2)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
