@@ -166,13 +166,31 @@ def _compare_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_optimizers(args: argparse.Namespace) -> int:
+    from actcomp.optim.compare import format_points, run_optimizer_compare, write_points_csv
+
+    names = tuple(n.strip() for n in args.optimizers.split(","))
+    CompressionConfig("hosvd", args.eps)
+    points = run_optimizer_compare(
+        optimizers=names, layers=args.max_layers, eps=args.eps, pretrain_epochs=args.pretrain_epochs,
+        finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+    )
+    print(f"Optimizers on the last {args.max_layers} layers, hosvd eps {args.eps:g} (same activation memory for all)")
+    print(format_points(points))
+    print(f"wrote {write_points_csv(points, Path(args.out) / 'optimizers.csv')}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from actcomp.compare import run_compare, write_csv
     from actcomp.plots import plot_compare
 
-    _resolve_devices(args, cpu_only=args.peft)
+    _resolve_devices(args, cpu_only=args.peft or bool(args.optimizers))
     if args.peft:
         return _compare_peft(args)
+    if args.optimizers:
+        return _compare_optimizers(args)
+
     methods = tuple(m.strip() for m in args.methods.split(","))
     try:
         patches = tuple(int(p) for p in args.patches.split(","))
@@ -296,7 +314,8 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
     if training:
         p.add_argument("--epochs", type=int, default=5)
         p.add_argument("--lr", type=float, default=3e-3)
-        p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "adam"])
+        p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "adam", "singd", "hylo"],
+                       help="singd and hylo build their curvature from the stored factors (see README)")
 
 
 def _add_device_option(p: argparse.ArgumentParser, cpu_only: bool = False) -> None:
@@ -366,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--peft", action="store_true", help="instead: SVD-parametrised fine-tuning (actcomp.peft) vs full and last-N; peft.csv, peft.png")
     compare.add_argument("--reflections", type=int, default=8, help="--peft: Householder reflections per layer (default 8)")
     compare.add_argument("--lr", type=float, default=3e-3, help="--peft: Adam learning rate of every run (default 3e-3, the demo's)")
+    compare.add_argument(
+        "--optimizers", metavar="LIST",
+        help="compare optimizers instead (sgd,adam,singd,hylo): hosvd at --eps on the last --max-layers layers; writes optimizers.csv",
+    )
     compare.set_defaults(run=_compare)
 
     export = sub.add_parser(

@@ -35,7 +35,7 @@ from actcomp.models import TinyMobileNet
 from actcomp.torch_device import torch_device
 
 BUILTIN_MODELS = ("tiny_mobilenet",)
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "adam", "singd", "hylo")
 RUN_FILES = ("config.json", "plan.json", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt")
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "layers", "metrics", "epoch")
 
@@ -113,6 +113,11 @@ class FinetuneConfig:
         CompressionConfig(self.method, self.eps, self.patch)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "singd":
+            try:
+                from actcomp.optim import SINGD  # noqa: F401
+            except ImportError as error:
+                raise ValueError(str(error)) from None
         for name in ("epochs", "batch_size", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -195,7 +200,11 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def _optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _optimizer(name: str, params: list[nn.Parameter], lr: float, model: nn.Module) -> torch.optim.Optimizer:
+    if name in ("singd", "hylo"):  # second-order, statistics from the stored factors
+        from actcomp.optim.compare import make_optimizer
+
+        return make_optimizer(name, model, lr)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
@@ -336,7 +345,7 @@ def run_finetune(
     data = load_data(config.data, config.size, config.seed)
     model, chosen = prepare(config, data, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(config.optimizer, params, config.lr)
+    optimizer = _optimizer(config.optimizer, params, config.lr, model)
     metrics: list[dict] = []
     start_epoch = 0
     if checkpoint is not None:
@@ -400,6 +409,8 @@ def run_finetune(
             after_epoch(epoch + 1)
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     _write_metrics(out, metrics)
+    if hasattr(optimizer, "remove_hooks"):  # SINGD, HyLo: detach their hooks from the model
+        optimizer.remove_hooks()
     return metrics
 
 
