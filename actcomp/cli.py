@@ -58,6 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     _resolve_devices(args)
     CompressionConfig("hosvd", args.eps)  # bad settings and outputs fail here, before any training
+    CompressionConfig("hosvd", args.every_eps)
     _check_budget(args.budget)
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
@@ -66,7 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
     rows, chosen = run_demo(
         layers=args.layers, eps=args.eps, budget=args.budget, pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-        device=args.torch_device,
+        device=args.torch_device, whole_step=not args.no_every, every_eps=args.every_eps,
     )
     print("Fine-tuning TinyMobileNet on digits 5-9 after pretraining on 0-4 (scikit-learn digits, 32x32)")
     print(format_table(rows))
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--layers", type=int, default=4, help="fine-tune the last N Conv/Linear layers (default 4)")
     demo.add_argument("--eps", type=float, default=0.8, help="explained variance kept, in (0, 1] (default 0.8)")
     demo.add_argument("--budget", default="2.5MiB", help="budget for the planned run: bytes kept by autograd (default 2.5MiB)")
+    demo.add_argument("--every-eps", type=float, default=0.95, help="eps of the run that fine-tunes every layer (default 0.95)")
+    demo.add_argument("--no-every", action="store_true", help="skip the two runs that fine-tune every layer")
     demo.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (default 6)")
     demo.add_argument("--pretrain-epochs", type=int, default=6, help="pretraining epochs (default 6)")
     demo.add_argument("--batch-size", type=int, default=64)
