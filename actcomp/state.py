@@ -10,7 +10,7 @@ tracked subspaces) live; measure, finetune, the optimizers and the tests read it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -61,6 +61,9 @@ class LayerState:
     shared: bool = False
     observers: list[Callable[["BackwardRecord"], None]] = field(default_factory=list, repr=False, compare=False)
     compressor: Compressor = field(init=False, repr=False)
+    #: What kind of module the state is attached to ("layer": a compressed kernel; a
+    #: neighbour policy's state says "neighbour"); written by :meth:`state_dict`.
+    kind: ClassVar[str] = "layer"
 
     def __post_init__(self) -> None:
         self.compressor = self.config.compressor()
@@ -133,6 +136,7 @@ class LayerState:
     def state_dict(self) -> dict[str, Any]:
         """Settings and carried method state as plain data (tensors, numbers, strings, dicts)."""
         return {
+            "kind": self.kind,
             "method": self.config.method,
             "eps": self.config.eps,
             "patch": self.config.patch,

@@ -207,7 +207,7 @@ def test_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
 def test_trackers_are_stored_as_plain_data(tmp_path):
     run_finetune(FinetuneConfig(method="asi", epochs=1, batch_size=128, layers="last:2"), tmp_path, progress=False)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    trackers = {n: s["method_state"] for n, s in state["layers"].items() if s["method"] == "asi"}
+    trackers = {n: s["method_state"] for n, s in state["layers"].items() if s["kind"] == "layer"}
     assert len(trackers) == 2
     for tracker in trackers.values():
         assert set(tracker) == {"margin", "factors", "recomputed", "steps"} and tracker["steps"] > 0

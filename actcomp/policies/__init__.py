@@ -30,7 +30,7 @@ Approximate policies apply only after the first compressed layer (execution orde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from torch import Tensor, nn
 
@@ -102,6 +102,7 @@ class NeighbourState(LayerState):
 
     neighbours: Neighbours = field(default_factory=Neighbours)
     approximate: bool = False
+    kind: ClassVar[str] = "neighbour"
 
     def keep(self, policy: str, x: Tensor, kept_bytes: int) -> None:
         """Record what this call kept, under ``policy`` (shown as the stats' method)."""
