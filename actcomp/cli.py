@@ -22,9 +22,11 @@ def _demo_vit(args: argparse.Namespace) -> int:
         if value is not None:
             raise ValueError(f"{option} applies to --model mobilenet; the vit demo fine-tunes every layer")
     eps = 0.9 if args.eps is None else args.eps
+    neighbour_eps = 0.99 if args.neighbour_eps is None else args.neighbour_eps
     CompressionConfig("hosvd", eps)  # a bad eps fails here, before any training
+    CompressionConfig("hosvd", neighbour_eps)
     rows = run_token_demo(
-        eps=eps, pretrain_epochs=args.pretrain_epochs if args.pretrain_epochs is not None else 20,
+        eps=eps, neighbour_eps=neighbour_eps, pretrain_epochs=args.pretrain_epochs if args.pretrain_epochs is not None else 20,
         finetune_epochs=args.epochs if args.epochs is not None else 10, batch_size=args.batch_size, seed=args.seed,
         progress=not args.no_progress,
     )
@@ -44,6 +46,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.model == "vit":
         return _demo_vit(args)
+    if args.neighbour_eps is not None:
+        raise ValueError("--neighbour-eps applies to --model vit")
     args.layers = 4 if args.layers is None else args.layers
     args.budget = "2.5MiB" if args.budget is None else args.budget
     args.eps = 0.8 if args.eps is None else args.eps
@@ -244,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="mobilenet", choices=["mobilenet", "vit"], help="mobilenet (default) or vit (tokens)")
     demo.add_argument("--layers", type=int, default=None, help="mobilenet: fine-tune the last N Conv/Linear layers (default 4)")
     demo.add_argument("--eps", type=float, default=None, help="explained variance kept, in (0, 1] (default 0.8; vit 0.9)")
+    demo.add_argument("--neighbour-eps", type=float, default=None, help="vit: eps of the whole step's packed tensors (default 0.99)")
     demo.add_argument("--budget", default=None, help="mobilenet: budget for the planned run, bytes kept by autograd (default 2.5MiB)")
     demo.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 6; vit 10)")
     demo.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default 6; vit 20)")

@@ -121,7 +121,7 @@ def run_token_demo(
     runs = [
         ("none", None, None),
         (f"hosvd {eps:g}, layers", CompressionConfig("hosvd", eps), None),
-        (f"hosvd {eps:g}, whole step", CompressionConfig("hosvd", eps), Neighbours(activations="bits4", generic=True, eps=neighbour_eps)),
+        (f"hosvd {eps:g}, whole step {neighbour_eps:g}", CompressionConfig("hosvd", eps), Neighbours(activations="bits4", generic=True, eps=neighbour_eps)),
     ]
     rows = []
     for method, config, neighbours in runs:

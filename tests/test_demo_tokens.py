@@ -45,3 +45,10 @@ def test_cli_demo_vit(tmp_path, capsys):
 def test_cli_demo_vit_refuses_mobilenet_options(capsys):
     assert main(["demo", "--model", "vit", "--budget", "1MiB"]) == 2
     assert "--budget applies to --model mobilenet" in capsys.readouterr().err
+
+
+def test_cli_neighbour_eps_is_a_vit_option(capsys):
+    assert main(["demo", "--neighbour-eps", "0.9"]) == 2
+    assert "--neighbour-eps applies to --model vit" in capsys.readouterr().err
+    assert main(["demo", "--model", "vit", "--neighbour-eps", "1.5"]) == 2
+    assert "eps must be a number in (0, 1]" in capsys.readouterr().err
