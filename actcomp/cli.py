@@ -52,10 +52,46 @@ def _check_budget(budget: str | None) -> None:
         parse_budget(budget)
 
 
+def _demo_vit(args: argparse.Namespace) -> int:
+    from actcomp.demo_tokens import format_token_table, run_token_demo, token_rows_as_dicts
+
+    mobilenet_only = (("--layers", args.layers), ("--budget", args.budget), ("--every-eps", args.every_eps), ("--no-every", args.no_every or None))
+    for option, value in mobilenet_only:
+        if value is not None:
+            raise ValueError(f"{option} applies to --model mobilenet; the vit demo fine-tunes every layer")
+    _resolve_devices(args, cpu_only=True)
+    _check_training_numbers(args)
+    eps = 0.9 if args.eps is None else args.eps
+    neighbour_eps = 0.99 if args.neighbour_eps is None else args.neighbour_eps
+    CompressionConfig("hosvd", eps)  # a bad eps fails here, before any training
+    CompressionConfig("hosvd", neighbour_eps)
+    out = check_output_dir(args.out)
+    rows = run_token_demo(
+        eps=eps, neighbour_eps=neighbour_eps, pretrain_epochs=args.pretrain_epochs if args.pretrain_epochs is not None else 20,
+        finetune_epochs=args.epochs if args.epochs is not None else 10, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print("Fine-tuning a TinyViT (2x2 patches as tokens) on digits 5-9 after pretraining on 0-4 (scikit-learn digits, 8x8)")
+    print(format_token_table(rows))
+    (out / "demo_vit.json").write_text(json.dumps(token_rows_as_dicts(rows), indent=2))
+    print(f"\nwrote {out / 'demo_vit.json'}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from actcomp.demo import format_table, rows_as_dicts, run_demo
     from actcomp.plots import plot_demo
 
+    if args.model == "vit":
+        return _demo_vit(args)
+    if args.neighbour_eps is not None:
+        raise ValueError("--neighbour-eps applies to --model vit")
+    args.layers = 4 if args.layers is None else args.layers
+    args.budget = "2.5MiB" if args.budget is None else args.budget
+    args.eps = 0.8 if args.eps is None else args.eps
+    args.epochs = 6 if args.epochs is None else args.epochs
+    args.pretrain_epochs = 6 if args.pretrain_epochs is None else args.pretrain_epochs
+    args.every_eps = 0.95 if args.every_eps is None else args.every_eps
     _resolve_devices(args)
     CompressionConfig("hosvd", args.eps)  # bad settings and outputs fail here, before any training
     CompressionConfig("hosvd", args.every_eps)
@@ -336,22 +372,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="transfer a small CNN from digits 0-4 to 5-9: plain, HOSVD and a plan under a budget (offline, ~1 min)",
+        help="transfer a small CNN (or with --model vit a small ViT) from digits 0-4 to 5-9 with compression (offline, ~1 min)",
         description="Pretrain a TinyMobileNet on scikit-learn's digits 0-4, fine-tune its last N layers on "
         "digits 5-9 with plain autograd, HOSVD and the per-layer eps planned for a budget; print bytes kept, "
-        "peak, accuracy and step time, and write a plot.",
+        "peak, accuracy and step time, and write a plot. With --model vit: a TinyViT on 2x2 patches as tokens, "
+        "all layers fine-tuned plain, with every Linear compressed, and with the whole step compressed; "
+        "prints what autograd keeps and the peak against plain autograd, and accuracy.",
     )
-    demo.add_argument("--layers", type=int, default=4, help="fine-tune the last N Conv/Linear layers (default 4)")
-    demo.add_argument("--eps", type=float, default=0.8, help="explained variance kept, in (0, 1] (default 0.8)")
-    demo.add_argument("--budget", default="2.5MiB", help="budget for the planned run: bytes kept by autograd (default 2.5MiB)")
-    demo.add_argument("--every-eps", type=float, default=0.95, help="eps of the run that fine-tunes every layer (default 0.95)")
-    demo.add_argument("--no-every", action="store_true", help="skip the two runs that fine-tune every layer")
-    demo.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs (default 6)")
-    demo.add_argument("--pretrain-epochs", type=int, default=6, help="pretraining epochs (default 6)")
+    demo.add_argument("--model", default="mobilenet", choices=["mobilenet", "vit"], help="mobilenet (default) or vit (tokens)")
+    demo.add_argument("--layers", type=int, default=None, help="mobilenet: fine-tune the last N Conv/Linear layers (default 4)")
+    demo.add_argument("--eps", type=float, default=None, help="explained variance kept, in (0, 1] (default 0.8; vit 0.9)")
+    demo.add_argument("--neighbour-eps", type=float, default=None, help="vit: eps of the whole step's packed tensors (default 0.99)")
+    demo.add_argument("--budget", default=None, help="mobilenet: budget for the planned run, bytes kept by autograd (default 2.5MiB)")
+    demo.add_argument("--every-eps", type=float, default=None, help="mobilenet: eps of the run that fine-tunes every layer (default 0.95)")
+    demo.add_argument("--no-every", action="store_true", help="mobilenet: skip the two runs that fine-tune every layer")
+    demo.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 6; vit 10)")
+    demo.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default 6; vit 20)")
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="actcomp-demo", help="directory for demo.png, demo.json, plan.json")
-    demo.add_argument("--device", metavar="TORCH_DEVICE", help="torch device to train and measure on: cpu (default), cuda, cuda:N, mps")
+    demo.add_argument("--out", default="actcomp-demo", help="directory for demo.png, demo.json, plan.json (vit: demo_vit.json)")
+    demo.add_argument("--device", metavar="TORCH_DEVICE", help="mobilenet: torch device to train and measure on: cpu (default), cuda, cuda:N, mps")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
 

@@ -9,6 +9,7 @@ tracked subspaces) live; measure, finetune, the optimizers and the tests read it
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -20,6 +21,25 @@ from actcomp.config import CompressionConfig, LayerStats
 from actcomp.decompose import NonFiniteActivationError
 from actcomp.factors import Factors
 from actcomp.methods import Compressor, InputLayout
+
+
+class KernelNotRunWarning(UserWarning):
+    """A layer selected for compression whose compressed kernel does not (or cannot) run: what
+    it would keep is kept by plain autograd, so it must not be counted as compressed."""
+
+
+@dataclass(frozen=True)
+class NotRunStats(LayerStats):
+    """``stats()`` entry of a compressed layer whose kernel did not run in its model's last
+    training forward: it kept nothing itself (``kept_bytes`` 0), what its input costs is kept
+    by whatever ran instead (its parent's ops; see ``measure``), and ``ratio`` is NaN, never a
+    compression ratio. ``reason`` says why, in words."""
+
+    reason: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return float("nan")
 
 
 @dataclass(frozen=True)
@@ -43,7 +63,10 @@ class LayerState:
     object, the method's carried state, its last stats, and whether it is active.
 
     ``active`` is False inside :func:`actcomp.suspended` (the layer then runs plain autograd
-    and its state is left as it is). ``runs`` counts the training forwards the kernel ran.
+    and its state is left as it is). ``runs`` counts the training forwards the kernel ran,
+    ``calls`` every call of the module's forward. ``missed`` counts the training forwards of
+    the model given to ``compress`` in which the kernel did not run, ``ran_last`` whether it ran
+    in the latest (None before the first); the first miss warns (:class:`KernelNotRunWarning`).
     ``shared``: the last forward reused factors another layer had made of the same input (its
     stats then say 0 bytes kept: the factors are counted once, by the first layer).
     ``observers`` are called in the layer's backward with a :class:`BackwardRecord` (the
@@ -58,6 +81,11 @@ class LayerState:
     method_state: Any = None
     active: bool = True
     runs: int = 0
+    calls: int = 0
+    missed: int = 0
+    ran_last: bool | None = None
+    not_run_reason: str = field(default="", repr=False)
+    warned: bool = field(default=False, repr=False)
     shared: bool = False
     observers: list[Callable[["BackwardRecord"], None]] = field(default_factory=list, repr=False, compare=False)
     compressor: Compressor = field(init=False, repr=False)
@@ -81,6 +109,32 @@ class LayerState:
 
     def describe(self) -> str:
         return f"layer '{self.name}' ({self.layer_type})"
+
+    def not_run(self, reason: str) -> None:
+        """Record that the model's training forward ran without this layer's kernel; warn the
+        first time (``reason``: why, in words)."""
+        self.missed += 1
+        self.ran_last = False
+        self.not_run_reason = reason
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"{self.describe()} is compressed but its kernel did not run in a training forward: {reason}. "
+                "Plain autograd kept what it needed, so it is not counted as compressed (stats() says 'not run'); "
+                "leave it out of compress() or call it through its own forward",
+                KernelNotRunWarning,
+                stacklevel=4,
+            )
+
+    def stats(self) -> LayerStats | None:
+        """What the layer kept in the model's latest training forward: ``last``, or a
+        :class:`NotRunStats` when its kernel did not run in it; None before any."""
+        if self.ran_last is False:
+            return NotRunStats(
+                name=self.name, layer_type=self.layer_type, method="not run", eps=self.config.eps,
+                input_shape=(), ranks=(), kept_bytes=0, input_bytes=0, reason=self.not_run_reason,
+            )
+        return self.last
 
     def configure(self, config: CompressionConfig) -> None:
         """New settings; the carried state is kept when the method stays the same."""
@@ -122,6 +176,7 @@ class LayerState:
         """Stats of this training forward: the input's shape and bytes, ranks, bytes kept
         (``method``: what to report as the method, by default the configured one)."""
         self.runs += 1
+        self.ran_last = True
         self.last = LayerStats(
             name=self.name,
             layer_type=self.layer_type,

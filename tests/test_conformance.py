@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.kernels import _REGISTRY, registration_for
+from actcomp.kernels import qualified_name, registered_types, registration_for
+from actcomp.kernels.linear import LINEAR
 from actcomp.methods import method_class
 from actcomp.peft import svd_adapt, svd_conv1d_class
 from conftest import rel_err
@@ -43,12 +44,21 @@ def smooth(shape):
     return F.relu(x + 0.3)
 
 
-# type -> [(id, module factory, input shape)]
+def hf_conv1d(nf, nx):
+    """transformers' Conv1D (weight stored (in, out)); skipped where transformers is absent."""
+    return pytest.importorskip("transformers.pytorch_utils").Conv1D(nf, nx)
+
+
+# type (or the qualified name it is registered by) -> [(id, module factory, input shape)]
 LAYER_ROWS = {
     nn.Linear: [
         ("2d", lambda: nn.Linear(7, 5), (9, 7)),
         ("tokens", lambda: nn.Linear(7, 5), (3, 4, 7)),
         ("no-bias-4d", lambda: nn.Linear(7, 5, bias=False), (2, 3, 4, 7)),
+    ],
+    "transformers.pytorch_utils.Conv1D": [
+        ("2d", lambda: hf_conv1d(5, 7), (9, 7)),
+        ("tokens", lambda: hf_conv1d(5, 7), (3, 4, 7)),
     ],
     nn.Conv1d: [
         ("dense", lambda: nn.Conv1d(4, 6, 3, padding=1), (5, 4, 9)),
@@ -107,7 +117,7 @@ METHOD_ROWS = {
 }
 
 CASES = [(t, row) for t, rows in LAYER_ROWS.items() for row in rows]
-CASE_IDS = [f"{t.__name__}-{row[0]}" for t, row in CASES]
+CASE_IDS = [f"{t.rsplit('.', 1)[1] if isinstance(t, str) else t.__name__}-{row[0]}" for t, row in CASES]
 
 
 def config_of(method, eps=None):
@@ -118,7 +128,7 @@ def config_of(method, eps=None):
 
 
 def test_every_registered_layer_type_has_rows():
-    assert set(_REGISTRY) == set(LAYER_ROWS), "add settings rows for every registered layer type"
+    assert set(registered_types()) == set(LAYER_ROWS), "add settings rows for every registered layer type"
 
 
 def test_every_registered_method_has_a_row():
@@ -129,7 +139,7 @@ def make(case):
     module_type, (_, factory, shape) = case
     torch.manual_seed(0)
     layer = factory().double()
-    assert type(layer) is module_type
+    assert type(layer) is module_type or qualified_name(type(layer)) == module_type
     return layer, smooth(shape).requires_grad_()
 
 
@@ -155,9 +165,10 @@ def grads(layer, x, dy=None):
 
 def weight_side_bytes(layer):
     """(what computing the weight keeps, the weight's bytes) for a computed weight; (0, 0) for a
-    weight parameter, which count_saved leaves out."""
+    weight parameter or a view of one (HF Conv1D's W^T), whose storage count_saved leaves out."""
     weight, _ = registration_for(type(layer)).params(layer)
-    if any(weight is p for p in layer.parameters()):
+    storage = weight.untyped_storage().data_ptr()
+    if any(storage == p.untyped_storage().data_ptr() for p in layer.parameters()):
         return 0, 0
     with actcomp.count_saved(layer) as saved:
         weight, _ = registration_for(type(layer)).params(layer)

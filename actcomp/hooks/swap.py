@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from actcomp.config import CompressionConfig, LayerStats
-from actcomp.hooks.select import LayerSelector, execution_order, select_layers
+from actcomp.hooks.select import LayerSelector, Trace, select_layers, trace
 from actcomp.kernels import base_type, kernel_for
 from actcomp.policies import Neighbours, NeighbourState, factor_config, neighbour_handler
 from actcomp.policies.generic import attach_generic, detach_generic, generic_packer
@@ -93,6 +94,7 @@ def _neighbour_forward(self: nn.Module, base: type[nn.Module], state: NeighbourS
 def _compressed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: LayerState = self.__dict__[_STATE]
     base = type(self)._actcomp_base
+    state.calls += 1
     if isinstance(state, NeighbourState):
         return _neighbour_forward(self, base, state, args, kwargs)
     if not (state.active and self.training and torch.is_grad_enabled()):
@@ -179,7 +181,8 @@ def compress(
         raise TypeError(f"compress needs a torch.nn.Module, got {type(model).__name__}")
     policy = _neighbour_settings(neighbours)
     modules = dict(model.named_modules())
-    for name in select_layers(model, layers, sample):
+    traced = trace(model, sample) if sample is not None else None
+    for name in select_layers(model, layers, traced=traced):
         module = modules[name]
         state = layer_state(module)
         if isinstance(state, LayerState) and not isinstance(state, NeighbourState):
@@ -188,7 +191,8 @@ def compress(
         base = base_type(module)
         module.__class__ = compressed_class(base)
         module.__dict__[_STATE] = LayerState(name=name, layer_type=base.__name__, config=config)
-    _attach_neighbours(model, policy, config, sample)
+    _attach_neighbours(model, policy, config, traced)
+    _attach_watch(model)
     return model
 
 
@@ -202,7 +206,7 @@ def _neighbour_settings(neighbours: Neighbours | str | None) -> Neighbours | Non
     raise ValueError(f"neighbours must be 'auto', 'off', None or an actcomp.Neighbours, got {neighbours!r}")
 
 
-def _attach_neighbours(model: nn.Module, policy: Neighbours | None, config: CompressionConfig, sample: object) -> None:
+def _attach_neighbours(model: nn.Module, policy: Neighbours | None, config: CompressionConfig, traced: Trace | None) -> None:
     """Swap every module with a neighbour policy (or put them back with ``policy=None``);
     approximate policies only for modules after the first compressed layer."""
     detach_generic(model)
@@ -211,7 +215,7 @@ def _attach_neighbours(model: nn.Module, policy: Neighbours | None, config: Comp
             if isinstance(layer_state(module), NeighbourState):
                 _unswap(module)
         return
-    order = execution_order(model, sample) if sample is not None else [n for n, _ in model.named_modules()]
+    order = traced.order if traced is not None else [n for n, _ in model.named_modules()]
     position = {n: i for i, n in enumerate(order)}
     compressed = [position[n] for n in compressed_layers(model) if n in position]
     first = min(compressed) if compressed else len(order)
@@ -265,6 +269,7 @@ def restore(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if layer_state(module) is not None:
             _unswap(module)
+        _detach_watch(module)
     detach_generic(model)
     return model
 
@@ -285,6 +290,58 @@ def stats(model: nn.Module) -> dict[str, LayerStats]:
     out = {}
     for name, module in model.named_modules():
         state = layer_state(module)
-        if _is_layer(state) and state.last is not None:
-            out[name] = state.last
+        if _is_layer(state) and (entry := state.stats()) is not None:
+            out[name] = entry
     return out
+
+
+class _Watch:
+    """Forward pre-hook and hook on the model given to :func:`compress`: after each of its
+    training forwards (training mode, gradients enabled), every active compressed layer inside
+    it whose kernel did not run is recorded as not run (:meth:`LayerState.not_run`, which warns
+    the first time)."""
+
+    def __init__(self) -> None:
+        self.stack: list[list[tuple[nn.Module, LayerState, int, int]] | None] = []
+
+    def enter(self, model: nn.Module, args: object) -> None:
+        watched = None
+        if model.training and torch.is_grad_enabled():
+            watched = [(m, s, s.runs, s.calls) for m in model.modules() if _is_layer(s := layer_state(m)) and s.active]
+        self.stack.append(watched)
+
+    def leave(self, model: nn.Module, args: object, output: object) -> None:
+        watched = self.stack.pop() if self.stack else None
+        if sys.exc_info()[1] is not None:
+            return  # the forward raised (this hook runs while the error propagates): no step ran
+        for module, state, runs, calls in watched or ():
+            if state.runs != runs or not state.active:
+                continue
+            if state.calls == calls:
+                reason = (
+                    "its forward was not called (does a parent read its .weight itself, e.g. F.linear(x, layer.weight)? "
+                    "compress(..., sample=x) finds such layers and leaves them out of layers='all')"
+                )
+            elif not module.training:
+                reason = "it is in eval mode, where its plain forward runs"
+            else:
+                reason = "its forward ran with gradients disabled"
+            state.not_run(reason)
+
+
+def _watches(hooks: dict) -> list:
+    return [key for key, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _Watch)]
+
+
+def _attach_watch(model: nn.Module) -> None:
+    if not _watches(model._forward_pre_hooks):
+        watch = _Watch()
+        model.register_forward_pre_hook(watch.enter)
+        model.register_forward_hook(watch.leave, always_call=True)
+
+
+def _detach_watch(model: nn.Module) -> None:
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in _watches(hooks):
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)

@@ -8,7 +8,11 @@ forward asks the layer's method (:mod:`actcomp.methods`) for factors of the inpu
 them; its backward calls the family's functions. Registering a module type is one call,
 :func:`register_layer` (with a getter of its weight and bias in the family's layout, e.g. a
 transposed weight); the conformance test (tests/test_conformance.py) then needs one settings
-row for it.
+row for it. A type from a package actcomp does not import (Hugging Face's ``Conv1D``) is
+registered by its qualified name and matched when a model uses it. A subclass of a registered
+type that does not override ``forward`` (torch's ``NonDynamicallyQuantizableLinear``) is run
+by its base's registration; one that overrides ``forward`` is not supported (its forward may
+compute something else than the family's).
 
 :func:`register_kernel` remains for a fully custom kernel ``kernel(module, x, state) -> y``
 that brings its own autograd Function.
@@ -62,36 +66,58 @@ def module_params(module: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 @dataclass(frozen=True)
 class Registration:
-    """How one module type is run: by a family (with its params getter) or a custom kernel."""
+    """How one module type is run: by a family (with its params getter) or a custom kernel.
+    ``module_type`` is the type, or its qualified name for a type registered by name."""
 
-    module_type: type[nn.Module]
+    module_type: "type[nn.Module] | str"
     family: LayerFamily | None = None
     params: Params = module_params
     kernel: Kernel | None = field(default=None, compare=False)
 
 
 _REGISTRY: dict[type[nn.Module], Registration] = {}
+_BY_NAME: dict[str, Registration] = {}  # "package.module.Class" -> registration (type not imported)
+_RESOLVED: dict[type, "Registration | None"] = {}  # lookups, cleared on every registration
 
 
-def register_layer(*module_types: type[nn.Module], family: LayerFamily, params: Params = module_params) -> None:
-    """Run exactly these module types with ``family``'s compressed kernel.
+def qualified_name(module_type: type) -> str:
+    """``'package.module.Class'``: how a type registered by name is matched."""
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def _register(module_type: "type[nn.Module] | str", registration: Registration) -> None:
+    if isinstance(module_type, str):
+        if "." not in module_type:
+            raise ValueError(f"register a type by its qualified name 'package.module.Class', got {module_type!r}")
+        _BY_NAME[module_type] = registration
+    elif isinstance(module_type, type) and issubclass(module_type, nn.Module):
+        _REGISTRY[module_type] = registration
+    else:
+        raise TypeError(f"register an nn.Module subclass or its qualified name, got {module_type!r}")
+    _RESOLVED.clear()
+
+
+def register_layer(*module_types: "type[nn.Module] | str", family: LayerFamily, params: Params = module_params) -> None:
+    """Run these module types with ``family``'s compressed kernel.
 
     ``params(module) -> (weight, bias)`` gives the weight in the family's layout (Linear:
     (out, in); convolutions: (out, in/groups, *kernel)); it may compute it (a transposed or
-    parametrised weight: autograd carries dW on to the parameters it was computed from).
+    parametrised weight: autograd carries dW on to the parameters it was computed from). A
+    type may be given by its qualified name (``"transformers.pytorch_utils.Conv1D"``) so that
+    its package need not be imported; subclasses that keep the type's ``forward`` are run too.
     """
     for module_type in module_types:
-        _REGISTRY[module_type] = Registration(module_type, family, params)
+        _register(module_type, Registration(module_type, family, params))
 
 
-def register_kernel(*module_types: type[nn.Module]) -> Callable[[Kernel], Kernel]:
-    """Decorator: make ``kernel(module, x, state) -> y`` the compressed forward of exactly these
-    module types (a custom kernel bringing its own autograd Function; ``state`` is the layer's
+def register_kernel(*module_types: "type[nn.Module] | str") -> Callable[[Kernel], Kernel]:
+    """Decorator: make ``kernel(module, x, state) -> y`` the compressed forward of these module
+    types (a custom kernel bringing its own autograd Function; ``state`` is the layer's
     :class:`~actcomp.LayerState`). Prefer :func:`register_layer` with a family."""
 
     def decorate(kernel: Kernel) -> Kernel:
         for module_type in module_types:
-            _REGISTRY[module_type] = Registration(module_type, kernel=kernel)
+            _register(module_type, Registration(module_type, kernel=kernel))
         return kernel
 
     return decorate
@@ -107,10 +133,27 @@ def base_type(module: nn.Module) -> type[nn.Module]:
     return _unwrapped(type(module))
 
 
+def _own_registration(cls: type) -> Registration | None:
+    return _REGISTRY.get(cls) or (_BY_NAME.get(qualified_name(cls)) if _BY_NAME else None)
+
+
 def registration_for(module_type: type[nn.Module]) -> Registration | None:
-    """The registration of exactly ``module_type`` (subclasses do not inherit it: they may
-    override ``forward``), or None. A compressed module's class maps to its base's."""
-    return _REGISTRY.get(_unwrapped(module_type))
+    """The registration that runs ``module_type``, or None. A compressed module's class maps
+    to its base's. A type inherits the registration of its nearest registered base class
+    when it does not override that class's ``forward`` (e.g. ``NonDynamicallyQuantizableLinear``
+    runs as ``Linear``); a subclass that overrides ``forward`` is not supported."""
+    module_type = _unwrapped(module_type)
+    if module_type in _RESOLVED:
+        return _RESOLVED[module_type]
+    found = None
+    for cls in module_type.__mro__:
+        registration = _own_registration(cls)
+        if registration is not None:
+            if cls is module_type or getattr(module_type, "forward", None) is getattr(cls, "forward", None):
+                found = registration
+            break
+    _RESOLVED[module_type] = found
+    return found
 
 
 def kernel_for(module_type: type[nn.Module]) -> Kernel | None:
@@ -131,9 +174,17 @@ def is_supported(module_type: type[nn.Module]) -> bool:
 
 
 def supported_types() -> tuple[str, ...]:
-    """Names of the layer types that have a compressed kernel, sorted."""
-    return tuple(sorted(t.__name__ for t in _REGISTRY))
+    """Names of the layer types that have a compressed kernel, sorted (a type registered by
+    qualified name shows its package: ``Conv1D (transformers)``)."""
+    named = [f"{name.rsplit('.', 1)[1]} ({name.split('.', 1)[0]})" for name in _BY_NAME]
+    return tuple(sorted([t.__name__ for t in _REGISTRY] + named))
+
+
+def registered_types() -> tuple["type[nn.Module] | str", ...]:
+    """Every registration key: the types, and the qualified names of types registered by name."""
+    return (*_REGISTRY, *_BY_NAME)
 
 
 from actcomp.kernels import conv as _conv  # noqa: E402,F401  (registers Conv1d, Conv2d, Conv3d)
 from actcomp.kernels import linear as _linear  # noqa: E402,F401  (registers Linear)
+from actcomp.kernels import hf_conv1d as _hf_conv1d  # noqa: E402,F401  (registers transformers' Conv1D by name)

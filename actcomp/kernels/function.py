@@ -9,6 +9,9 @@ for every method but Gradient Filter):
 * dW = family.weight_grads[type(factors)](factors, dY'): from the factors, x is never rebuilt;
 * db = family.bias_grad(dY).
 
+An empty input (a batch of 0 samples, or any mode of size 0) keeps nothing: dW is zero (a sum
+over no samples), dX is empty and db is dY summed, zero; the method is not asked to factor it.
+
 Autocast: the Function runs with autocast off and casts W and b to the dtype autocast would use
 inside its forward, so the layer computes what the plain layer computes under autocast while
 saving the parameter itself instead of the cast copy plain autocast keeps.
@@ -68,7 +71,8 @@ class CompressedOp(torch.autograd.Function):
         x, weight, bias, call = inputs
         ctx.call, ctx.input_shape, ctx.has_bias = call, x.shape, bias is not None
         mark_kept("weight", weight)
-        if not weight.requires_grad:
+        ctx.kind = None
+        if not weight.requires_grad or x.numel() == 0:
             call.state.record(x, (), 0)
             ctx.save_for_backward(weight)
             return
@@ -88,11 +92,14 @@ class CompressedOp(torch.autograd.Function):
         weight, *saved = ctx.saved_tensors
         call: _Call = ctx.call
         family = call.family
-        grad = call.compressor.filter_grad(grad_out, call.layout)
+        empty = grad_out.numel() == 0 or ctx.input_shape.numel() == 0
+        grad = grad_out if empty else call.compressor.filter_grad(grad_out, call.layout)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = family.input_grad(grad, weight.to(grad.dtype), ctx.input_shape, call.geometry)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.kind is None:  # an empty input: a sum over no samples
+            grad_w = torch.zeros_like(weight)
+        elif ctx.needs_input_grad[1]:
             factors = ctx.kind.from_tensors(tuple(saved), **ctx.meta)
             grad_w = family.weight_grads[ctx.kind](factors, grad, weight.shape, call.geometry).to(weight.dtype)
             if call.state.observers:

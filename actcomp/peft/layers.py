@@ -181,7 +181,7 @@ def hf_conv1d_type() -> type[nn.Module] | None:
 
 def svd_conv1d_class() -> type[nn.Module]:
     """The SVD-parametrised subclass of transformers' Conv1D (created once; imports
-    transformers, which must be installed: ``pip install 'actcomp[hf]'``)."""
+    transformers, which must be installed: ``pip install 'actcomp[transformers]'``)."""
     from transformers.pytorch_utils import Conv1D
 
     cls = _CLASSES.get(Conv1D)

@@ -80,7 +80,7 @@ def test_execution_order_sample_leaves_model_untouched():
 @pytest.mark.parametrize(
     "layers, message",
     [
-        (["features.5"], "layer 'features.5' (Identity) has no compressed kernel; supported: Conv1d, Conv2d, Conv3d, Linear"),
+        (["features.5"], "layer 'features.5' (Identity) has no compressed kernel; supported: Conv1D (transformers), Conv1d, Conv2d, Conv3d, Linear"),
         (["featurs.0"], "model has no layer named 'featurs.0'; did you mean 'features.0'"),
         ("last:0", "needs a whole number N >= 1"),
         ("last:9", "asks for 9 layers but the model has 4"),

@@ -1,0 +1,152 @@
+"""Transformers people fine-tune, built from small configs with random weights (no download):
+Hugging Face GPT-2 and BERT, torchvision ViT, Swin and Swin V2. Every Linear-like layer whose
+kernel can run is compressed; they train, and at eps = 1 every gradient equals plain
+autograd's in float64 (the generic packer at eps = 1 included)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actcomp
+from actcomp.state import KernelNotRunWarning
+from conftest import rel_err
+
+
+def gpt2(attn="sdpa"):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    config._attn_implementation = attn
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = torch.randint(0, 64, (3, 12))
+    return model, tokens, lambda out, _: out.logits[:, :-1].flatten(0, 1).float().pow(2).mean() + F.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def bert(attn="sdpa"):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    )
+    config._attn_implementation = attn
+    model = transformers.BertForSequenceClassification(config)
+    tokens = torch.randint(1, 64, (3, 12))
+    labels = torch.tensor([0, 1, 2])
+    return model, tokens, lambda out, _: F.cross_entropy(out.logits, labels)
+
+
+def vit():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
+    return model, torch.randn(3, 3, 32, 32), lambda out, _: F.cross_entropy(out, torch.tensor([0, 1, 2]))
+
+
+def swin(v2=False):
+    pytest.importorskip("torchvision")
+    from torchvision.models import swin_transformer as st
+
+    extra = dict(block=st.SwinTransformerBlockV2, downsample_layer=st.PatchMergingV2) if v2 else {}
+    model = st.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+        stochastic_depth_prob=0.0, num_classes=5, **extra,
+    )
+    return model, torch.randn(3, 3, 32, 32), lambda out, _: F.cross_entropy(out, torch.tensor([0, 1, 2]))
+
+
+MODELS = {
+    "gpt2": gpt2,
+    "gpt2-eager": lambda: gpt2("eager"),
+    "bert": bert,
+    "bert-eager": lambda: bert("eager"),
+    "vit": vit,
+    "swin": swin,
+    "swin_v2": lambda: swin(v2=True),
+}
+# layers left out of layers="all" because their parent's forward uses their weight itself
+READ_BY_PARENT = {"vit": 2, "swin": 8, "swin_v2": 8}
+
+
+def linear_like(model):
+    """Every module computing with a weight as a Linear does: Linear, its subclasses, HF Conv1D."""
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+
+
+def compress_all(model, x, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actcomp.compress(model, "all", sample=x[:1], **kwargs)
+    return [w for w in caught if issubclass(w.category, KernelNotRunWarning)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trains_three_steps_with_every_linear_like_layer_compressed(name):
+    torch.manual_seed(0)
+    model, x, loss_fn = MODELS[name]()
+    model.train()
+    neighbours = actcomp.Neighbours(activations="bits4", generic=True, threshold=1024)
+    notes = compress_all(model, x, eps=0.9, neighbours=neighbours)
+    layers = actcomp.compressed_layers(model)
+    left_out = linear_like(model) - set(layers)
+    assert len(left_out) == READ_BY_PARENT.get(name, 0) and len(notes) == (1 if left_out else 0)
+    assert all(f"'{n}'" in str(notes[0].message) for n in left_out)
+    plain = copy.deepcopy(model)
+    actcomp.restore(plain)
+    with actcomp.count_saved(plain) as saved_plain:
+        loss_fn(plain(x), None).backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelNotRunWarning)
+        for _ in range(3):
+            optimizer.zero_grad()
+            with actcomp.count_saved(model) as saved:
+                loss = loss_fn(model(x), None)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    states = [actcomp.layer_state(m) for n, m in model.named_modules() if n in layers]
+    assert all(s.runs == 3 and s.missed == 0 for s in states)
+    assert saved.saved_bytes < saved_plain.saved_bytes
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eps_one_equals_plain_autograd_in_float64(name):
+    torch.manual_seed(0)
+    model, x, loss_fn = MODELS[name]()
+    model = model.double().train()
+    x = x.double() if x.is_floating_point() else x
+    reference = copy.deepcopy(model)
+
+    def gradients(m):
+        m.zero_grad()
+        out = m(x)
+        loss_fn(out, None).backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    expected = gradients(reference)
+    compress_all(model, x, eps=1.0, neighbours=actcomp.Neighbours(generic=True, threshold=0))
+    ours = gradients(model)
+    assert all(actcomp.layer_state(m).runs == 1 for n, m in model.named_modules() if n in actcomp.compressed_layers(model))
+    assert max(rel_err(a, b) for a, b in zip(ours, expected)) < 1e-8
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "swin_v2"])  # HF's attention itself cannot reshape 0 sequences
+def test_empty_batch_runs_through_a_transformer(name):
+    torch.manual_seed(0)
+    model, x, _ = MODELS[name]()
+    # threshold > 0: the generic packer (actcomp/policies/generic.py) refuses a 0-byte tensor at threshold 0
+    compress_all(model, x, eps=0.9, neighbours=actcomp.Neighbours(activations="bits4", generic=True, threshold=1))
+    out = model(x[:0])
+    assert out.shape == (0, 5)
+    out.sum().backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    stats = actcomp.stats(model)
+    assert all(s.kept_bytes == 0 for s in stats.values() if 0 in s.input_shape)
+    assert all("cpb_mlp" in n for n, s in stats.items() if 0 not in s.input_shape)  # swin_v2's table, not the batch
