@@ -9,6 +9,8 @@ error measurements, never by the kernels' hot path), and how to be taken apart i
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -111,9 +113,13 @@ class Tucker(_Parts):
 
     def reconstruct(self) -> Tensor:
         """``core x_0 U_0 x_1 U_1 ...``: the tensor the factors stand for."""
+        # Mode by mode, always contracting the first axis and appending the new one last
+        # (x (K_n, rest) -> (rest, I_n)): after N products the modes are back in order, every
+        # product is one matrix multiply of views, and no intermediate is copied.
         x = self.core
-        for mode, u in enumerate(self.factors):
-            x = mode_product(x, u, mode)
+        for u in self.factors:
+            rest = x.shape[1:]
+            x = (x.reshape(x.shape[0], math.prod(rest)).t() @ u.t()).reshape(*rest, u.shape[0])
         return x.contiguous()
 
     def to(self, dtype: torch.dtype) -> "Tucker":

@@ -27,6 +27,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's actcomp
 import actcomp  # noqa: E402
 from common import interleaved_medians, machine, markdown_table, publish  # noqa: E402
 

@@ -8,7 +8,9 @@ modes written <.>:
   trained gamma needs x_hat (dgamma = sum dY x_hat). Frozen gamma: policy ``nothing`` (exact).
 * train mode (batch statistics): dX = gamma / sigma (dY - <dY> - x_hat <dY x_hat>),
   dgamma = sum dY x_hat, dbeta = sum dY. x_hat is kept as Tucker factors at eps (policy
-  ``factors``: exact at eps = 1) and rebuilt transiently in backward.
+  ``factors``: exact at eps = 1) and rebuilt transiently in backward, where dX is computed in
+  its buffer (dY and x_hat are the only tensors of the input's size alive at once; torch's own
+  CPU backward holds a third).
 
 The forward is torch's own (running statistics and num_batches_tracked updated as nn.BatchNorm
 does), so outputs are unchanged.
@@ -33,22 +35,27 @@ def _channel(v: Tensor, ndim: int) -> Tensor:
 class FactoredBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, batch_stats, momentum, eps, state, keep_x_hat):  # type: ignore[override]
+        dims = (0, *range(2, x.ndim))
         if batch_stats:
-            y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+            var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+            mean, invstd = mean.float() if x.dtype in (torch.float16, torch.bfloat16) else mean, torch.rsqrt(var.to(mean.dtype) + eps)
         else:
-            y = F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
-            mean, invstd = running_mean, torch.rsqrt(running_var + eps)
-        tensors = [mean.detach().clone(), invstd.detach().clone()]
+            mean, invstd = running_mean.detach().clone(), torch.rsqrt(running_var + eps)
+        tensors = [mean.detach(), invstd.detach()]
         ctx.kind = None
         if keep_x_hat:
+            # x_hat is factored and dropped before the output exists: x, x_hat and the first
+            # factorisation step are the only tensors of x's size alive (often the step's peak)
             with torch.no_grad():
-                x_hat = (x - _channel(mean, x.ndim)) * _channel(invstd, x.ndim)
+                x_hat = x.sub(_channel(mean, x.ndim)).mul_(_channel(invstd, x.ndim))
                 factors = state.factor(x_hat.to(x.dtype))
                 del x_hat
             ctx.kind, ctx.meta = type(factors), factors.meta()
             tensors += list(factors.tensors())
         else:
             state.keep("nothing", x, 0)
+        # torch's own forward: the same outputs and running statistics as nn.BatchNorm
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
         mark_kept("factors" if keep_x_hat else "nothing", *tensors)
         ctx.save_for_backward(weight, *tensors)
         ctx.batch_stats, ctx.has_bias = batch_stats, bias is not None
@@ -58,23 +65,37 @@ class FactoredBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         weight, mean, invstd, *factor_tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         dims = (0, *range(2, grad_out.ndim))
-        n = grad_out.numel() // grad_out.shape[1]
-        scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
         x_hat = ctx.kind.from_tensors(tuple(factor_tensors), **ctx.meta).reconstruct().to(grad_out.dtype) if ctx.kind else None
+        sum_dy = grad_out.sum(dims)
+        dy_x_hat = _channel_dot(grad_out, x_hat) if x_hat is not None else None
+        scale = (invstd if weight is None else weight.to(invstd.dtype) * invstd).to(grad_out.dtype)
         grad_x = grad_w = grad_b = None
-        dy_x_hat = (grad_out * x_hat).sum(dims) if x_hat is not None else None
-        if ctx.needs_input_grad[0]:
-            if ctx.batch_stats:
-                centred = grad_out - _channel(grad_out.sum(dims) / n, grad_out.ndim) - x_hat * _channel(dy_x_hat / n, grad_out.ndim)
-                grad_x = centred * _channel(scale.to(grad_out.dtype), grad_out.ndim)
-            else:
-                grad_x = grad_out * _channel(scale.to(grad_out.dtype), grad_out.ndim)
-        if weight is not None and ctx.needs_input_grad[1]:
+        if needs[0] and ctx.batch_stats:
+            # dX = scale (dY - <dY> - x_hat <dY x_hat>), written into x_hat's buffer: dY and
+            # x_hat are the only tensors of the input's size alive (the step's peak is often here)
+            n = grad_out.numel() // grad_out.shape[1]
+            c = lambda v: _channel(v, grad_out.ndim)  # noqa: E731
+            grad_x = x_hat.mul_(c(-dy_x_hat / n)).add_(grad_out).sub_(c(sum_dy / n)).mul_(c(scale))
+        elif needs[0]:
+            del x_hat
+            grad_x = grad_out * _channel(scale, grad_out.ndim)
+        if weight is not None and needs[1]:
             grad_w = dy_x_hat.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dims).to(weight.dtype if weight is not None else grad_out.dtype)
+        if ctx.has_bias and needs[2]:
+            grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum over every mode but the channels' (mode 1) of a * b, one sample at a time (the
+    product of a chunk is the only temporary)."""
+    dims = tuple(range(1, a.ndim - 1))
+    total = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+    for i in range(a.shape[0]):
+        total += (a[i] * b[i]).sum(dims)
+    return total
 
 
 @register_neighbour(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -49,7 +49,7 @@ class GenericPacker:
     def __call__(self, t: Tensor) -> PackedTensor | None:
         if getattr(t, "_actcomp_policy", None) is not None or isinstance(t, nn.Parameter):
             return None
-        if not t.is_floating_point() or t.ndim < 2 or t.numel() * t.element_size() < self.threshold:
+        if not t.is_floating_point() or t.ndim < 2 or t.numel() == 0 or t.numel() * t.element_size() < self.threshold:
             return None
         cached = t.__dict__.get("_actcomp_packed")
         if cached is not None and cached[0] == (t._version, self.eps):

@@ -45,21 +45,38 @@ def _window_geometry(out_shape: tuple[int, ...], stride, padding, dilation, kern
     return origins
 
 
+#: Elements of index arithmetic per chunk: the int64 temporaries of the conversions stay a
+#: few MiB instead of several copies of the (int64) index tensor at the step's peak.
+_CHUNK = 1 << 20
+
+
+def _plane_chunks(planes: int, per_plane: int) -> range:
+    """Starts of chunks of whole planes with about _CHUNK elements each."""
+    return range(0, planes, max(1, _CHUNK // max(per_plane, 1)))
+
+
 def local_indices(flat: Tensor, in_spatial: tuple[int, ...], stride, padding, dilation, kernel) -> Tensor:
-    """Flat argmax indices into the input plane -> positions within each window."""
+    """Flat argmax indices into the input plane -> positions within each window, in the
+    smallest integer type (computed in chunks of planes)."""
     out_spatial = tuple(flat.shape[2:])
-    local = torch.zeros_like(flat)
-    rest = flat
-    place = 1
-    coords = []
-    for size in reversed(in_spatial):
-        coords.append(rest % size)
-        rest = rest // size
-    coords.reverse()
-    for (origin, dil, k, d), coord in reversed(list(zip(_window_geometry(out_spatial, stride, padding, dilation, kernel, flat.device), coords))):
-        local += ((coord - origin) // dil) * place
-        place *= k
-    return local.to(_index_dtype(math.prod(kernel)))
+    geometry = _window_geometry(out_spatial, stride, padding, dilation, kernel, flat.device)
+    planes = flat.shape[0] * flat.shape[1]
+    flat_planes = flat.reshape(planes, *out_spatial)
+    local = torch.empty(flat_planes.shape, dtype=_index_dtype(math.prod(kernel)), device=flat.device)
+    step = _plane_chunks(planes, math.prod(out_spatial)).step
+    for start in range(0, planes, step):
+        rest = flat_planes[start : start + step].clone()
+        chunk = torch.zeros_like(rest)
+        coords = []
+        for size in reversed(in_spatial):
+            coords.append(rest % size)
+            rest.div_(size, rounding_mode="floor")
+        place = 1
+        for (origin, dil, k, d), coord in zip(reversed(geometry), coords):  # last spatial dim first
+            chunk.add_(coord.sub_(origin).div_(dil, rounding_mode="floor").mul_(place))
+            place *= k
+        local[start : start + step] = chunk
+    return local.view(flat.shape)
 
 
 def flat_indices(local: Tensor, in_spatial: tuple[int, ...], stride, padding, dilation, kernel) -> Tensor:
@@ -92,10 +109,13 @@ class SmallIndexMaxPool(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (local,) = ctx.saved_tensors
-        flat = flat_indices(local, *ctx.geometry)
         planes = ctx.input_shape[0] * ctx.input_shape[1]
         grad = grad_out.new_zeros(planes, math.prod(ctx.input_shape[2:]))
-        grad.scatter_add_(1, flat.reshape(planes, -1), grad_out.reshape(planes, -1))
+        local, grad_out = local.reshape(planes, 1, *local.shape[2:]), grad_out.reshape(planes, -1)
+        step = _plane_chunks(planes, grad_out.shape[1]).step
+        for start in range(0, planes, step):  # int64 indices of one chunk at a time
+            flat = flat_indices(local[start : start + step], *ctx.geometry)
+            grad[start : start + step].scatter_add_(1, flat.flatten(1), grad_out[start : start + step])
         return grad.view(ctx.input_shape), None, None, None, None, None
 
 

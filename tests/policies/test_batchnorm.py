@@ -86,3 +86,26 @@ def test_batchnorm_before_the_first_compressed_layer_stays_exact():
     x = torch.randn(4, 3, 8, 8).requires_grad_()
     rows = {r.name: r for r in actcomp.measure(model, x).rows}
     assert rows["0"].policy == "plain" and rows["2"].policy == "factors"
+
+
+def test_training_batchnorm_holds_at_most_two_tensors_of_its_input_size():
+    """Forward: x_hat is factored and dropped before the output exists; backward: dX is
+    written into the rebuilt x_hat's buffer. Beyond x and dY, each pass allocates at most about
+    two tensors of the input's size at once (plain torch's CPU backward holds three)."""
+    from actcomp.memory.measure import _peak_of
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.BatchNorm2d(16))
+    actcomp.compress(model, eps=0.9)
+    x = torch.nn.functional.interpolate(torch.randn(16, 4, 5, 5), size=96, mode="bilinear")
+    h = model[0](x).detach().requires_grad_()  # the BatchNorm's input (its backward alone is measured)
+    size = h.numel() * h.element_size()
+    out = {}
+    peak, _ = _peak_of(lambda: out.setdefault("y", model[1](h)), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("this torch's profiler has no allocation events")
+    assert actcomp.layer_state(model[1]).last.method == "factors"
+    assert peak < 2.2 * size  # x_hat, the first factorisation step; then the output
+    dy = torch.randn_like(out["y"])
+    peak, _ = _peak_of(lambda: out["y"].backward(dy), torch.device("cpu"))
+    assert peak < 1.5 * size  # x_hat, which becomes dX

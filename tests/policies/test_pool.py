@@ -57,13 +57,33 @@ def test_pooling_is_exact_and_keeps_little(name, make, shape):
         assert saved.saved_bytes == factors  # nothing for the pool
 
 
-def test_window_indices_round_trip():
-    """The window-position encoding inverts to torch's flat indices (large windows: int16)."""
+@pytest.mark.parametrize("chunk", [1 << 20, 7, 1], ids=["one-chunk", "chunks", "one-plane-each"])
+def test_window_indices_round_trip(chunk, monkeypatch):
+    """The window-position encoding inverts to torch's flat indices (large windows: int16),
+    whether the planes are converted at once or in chunks."""
+    from actcomp.policies import pool
     from actcomp.policies.pool import flat_indices, local_indices
 
+    monkeypatch.setattr(pool, "_CHUNK", chunk)
     x = torch.randn(2, 3, 40, 40)
     for kernel, stride, padding, dilation in [((3, 3), (2, 2), (1, 1), (1, 1)), ((17, 17), (5, 5), (8, 8), (1, 1)), ((2, 3), (1, 2), (0, 1), (3, 2))]:
         _, flat = torch.nn.functional.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True)
         local = local_indices(flat, (40, 40), stride, padding, dilation, kernel)
         assert local.dtype == (torch.uint8 if kernel[0] * kernel[1] <= 256 else torch.int16)
         assert torch.equal(flat_indices(local, (40, 40), stride, padding, dilation, kernel), flat)
+
+
+def test_max_pool_conversions_hold_no_copy_of_the_int64_indices():
+    """The index conversions run in chunks: the forward's allocation peak is the pool's own
+    (output and torch's int64 indices) plus a few MiB, not several int64 copies."""
+    from actcomp.memory.measure import _peak_of
+
+    pool = nn.Sequential(nn.Conv2d(16, 16, 1), nn.MaxPool2d(3, 2, 1))
+    actcomp.compress(pool, eps=0.9)
+    x = torch.randn(16, 16, 320, 320, requires_grad=True)
+    y_bytes = 16 * 16 * 160 * 160 * 4
+    peak, _ = _peak_of(lambda: pool[1](x), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("this torch's profiler has no allocation events")
+    # output, torch's int64 indices, the uint8 positions, a few int64 chunk temporaries (old: 393 MB)
+    assert peak < y_bytes + 2 * y_bytes + y_bytes // 4 + 6 * 8 * (1 << 20)
