@@ -77,7 +77,7 @@ def zoo(args: argparse.Namespace, device: torch.device) -> None:
         x, y = smooth_batch(args.batch, size, device), torch.randint(0, 10, (args.batch,), device=device)
         try:
             plain = build(name, device)
-            model = compressed(plain, args, x[:1])
+            model = compressed(plain, args, x[:2])
             ratio = saved_bytes(model, x, y) / saved_bytes(plain, x, y)
         except Exception as error:  # a crash is a finding: reported, never hidden
             rows.append([name, "error", f"{type(error).__name__}: {str(error)[:80]}"])
@@ -104,7 +104,7 @@ def targets(args: argparse.Namespace, device: torch.device) -> None:
     rows = []
     for name in args.models.split(","):
         plain = build(name, device)
-        model = compressed(plain, args, x[:1])
+        model = compressed(plain, args, x[:2])
         kept_plain, kept = saved_bytes(plain, x, y), saved_bytes(model, x, y)
         report = actcomp.measure(model, x, y, F.cross_entropy)  # peaks of both (plain: suspended)
         medians = interleaved_medians({"plain": make_step(plain, x, y), "compressed": make_step(model, x, y)}, device, args.rounds, args.per_round)

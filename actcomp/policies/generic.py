@@ -3,7 +3,7 @@
 Inside the model's forward (entered by a forward pre-hook on the root module, left by its
 forward hook), each tensor autograd saves goes through :func:`actcomp.saved_hooks.packing`:
 tensors actcomp's own kernels saved (factors, masks, indices, weights), the model's parameters
-and buffers, non-float tensors, tensors of fewer than 2 modes and tensors under ``threshold``
+and buffers (and views of them), non-float tensors, tensors of fewer than 2 modes and tensors under ``threshold``
 bytes are kept as they are; any other is replaced by its HOSVD factors at eps when they are
 smaller (policy ``packed``). Backward rebuilds the tensor from the factors (transiently: one
 full-size tensor at a time) and hands it to the op's own backward, so every op is covered
@@ -44,7 +44,9 @@ class GenericPacker:
     def __init__(self, eps: float, threshold: int) -> None:
         self.eps, self.threshold = eps, threshold
         self.active = True  # False inside actcomp.suspended
-        self.buffers: set[int] = set()  # data pointers of the model's buffers, set per forward
+        # storages of the model's parameters and buffers, set per forward: a view of a weight
+        # (w.t(), in_proj_weight.chunk(3)) is saved by plain autograd at no cost and never packed
+        self.fixed: set[int] = set()
 
     def __call__(self, t: Tensor) -> PackedTensor | None:
         if getattr(t, "_actcomp_policy", None) is not None or isinstance(t, nn.Parameter):
@@ -54,7 +56,7 @@ class GenericPacker:
         cached = t.__dict__.get("_actcomp_packed")
         if cached is not None and cached[0] == (t._version, self.eps):
             return cached[1]
-        if t.untyped_storage().data_ptr() in self.buffers:
+        if t.untyped_storage().data_ptr() in self.fixed:
             return None
         try:
             factors = hosvd(t, self.eps)
@@ -79,7 +81,8 @@ class _Session:
         engaged = self.packer.active and module.training and torch.is_grad_enabled()
         context = packing(self.packer) if engaged else None
         if context is not None:
-            self.packer.buffers = {b.untyped_storage().data_ptr() for b in module.buffers()}
+            tensors = (*module.parameters(), *module.buffers())
+            self.packer.fixed = {t.untyped_storage().data_ptr() for t in tensors}
             context.__enter__()
         self.contexts.append(context)
 

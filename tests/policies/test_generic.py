@@ -87,3 +87,30 @@ def test_one_tensor_saved_by_two_ops_is_packed_once():
     assert (32, 64) not in [s for s, _ in saved.shapes]  # packed
     h = (model[0](x) * 2).detach()
     assert saved.saved_bytes == actcomp.stats(model)["0"].kept_bytes + hosvd(h, 0.9).nbytes  # once
+
+
+class LowRankWeightView(nn.Module):
+    """A functional product with a view of a parameter (as MultiheadAttention's in_proj chunks
+    and F.linear's w.t()): plain autograd keeps the view at no cost; packing it would add bytes."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.first = nn.Linear(d, d)
+        self.w = nn.Parameter(torch.randn(48, 2) @ torch.randn(2, d))  # rank 2: small factors
+
+    def forward(self, x):
+        return self.first(x) @ self.w.t()
+
+
+def test_views_of_parameters_are_never_packed():
+    torch.manual_seed(0)
+    model = LowRankWeightView().double()
+    x = data().requires_grad_()
+    actcomp.compress(model, eps=0.9, neighbours=actcomp.Neighbours(generic=True, threshold=0))
+    with actcomp.count_saved(model) as compressed:
+        model(x).sum().backward()
+    with actcomp.suspended(model), actcomp.count_saved(model) as plain:
+        model(x).sum().backward()
+    assert compressed.saved_bytes < plain.saved_bytes
+    # w.t() (16, 48) is the only saved tensor with a mode of 48: no factor (48, r) of it was kept
+    assert not any(len(shape) == 2 and shape[0] == 48 for shape, _ in compressed.shapes)
