@@ -33,7 +33,7 @@ from actcomp.torch_device import torch_device
 class DemoRow:
     method: str
     layers: int  # layers trained
-    eps: str  # "1", "0.8", or the plan's per-layer eps
+    eps: str  # "1", "0.9", or the plan's per-layer eps
     layer_bytes: int  # what the fine-tuned layers kept (factors, or inputs for plain)
     saved_bytes: int  # everything autograd kept in one training step
     peak_bytes: int | None  # allocator high-water mark of one step
@@ -137,7 +137,7 @@ def finetune_copy(task: Task, names: list[str], config: CompressionConfig | Plan
 
 def run_demo(
     layers: int = 4,
-    eps: float = 0.8,
+    eps: float = 0.9,
     budget: str = "2.5MiB",
     pretrain_epochs: int = 6,
     finetune_epochs: int = 6,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def smooth_batch(batch: int, size: int, device: torch.device) -> torch.Tensor:
 
 def build(name: str, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None, num_classes=10).to(device).train()
+    # GoogLeNet and Inception: no auxiliary heads (their train-mode output is a tuple)
+    extra = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=10, **extra).to(device).train()
 
 
 def compressed(model: nn.Module, args: argparse.Namespace, sample: torch.Tensor) -> nn.Module:
@@ -67,26 +70,42 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return saved.saved_bytes
 
 
+def zoo_size(name: str, size: int) -> int:
+    """The input side for a zoo model: transformers at their fixed 224, Inception at >= 75."""
+    if name.startswith(("vit", "swin", "maxvit")):
+        return max(size, 224)
+    return max(size, 75) if name.startswith("inception") or name == "googlenet" else size
+
+
+def zoo_one(name: str, args: argparse.Namespace, device: torch.device) -> str:
+    """One zoo model's saved-bytes ratio, printed as its last line (run in a child process)."""
+    size = zoo_size(name, args.size)
+    x, y = smooth_batch(args.batch, size, device), torch.randint(0, 10, (args.batch,), device=device)
+    plain = build(name, device)
+    model = compressed(plain, args, x[:2])
+    return f"{saved_bytes(model, x, y) / saved_bytes(plain, x, y):.3f}"
+
+
 def zoo(args: argparse.Namespace, device: torch.device) -> None:
+    """Every classifier torchvision lists, each in its own process (memory returned between
+    models; a hard crash is a row, not the end of the sweep)."""
     names = torchvision.models.list_models(module=torchvision.models)
     rows, worse = [], []
+    flags = ["--batch", str(args.batch), "--size", str(args.size), "--eps", str(args.eps), "--activations", args.activations, "--device", args.device]
     for name in names:
-        size = max(args.size, 224 if name.startswith(("vit", "swin", "maxvit")) else args.size)
-        if name.startswith("inception") or name == "googlenet":
-            size = max(size, 75)
-        x, y = smooth_batch(args.batch, size, device), torch.randint(0, 10, (args.batch,), device=device)
-        try:
-            plain = build(name, device)
-            model = compressed(plain, args, x[:2])
-            ratio = saved_bytes(model, x, y) / saved_bytes(plain, x, y)
-        except Exception as error:  # a crash is a finding: reported, never hidden
-            rows.append([name, "error", f"{type(error).__name__}: {str(error)[:80]}"])
-            print(name, "error", error, flush=True)
-            continue
-        rows.append([name, f"{size}", f"{ratio:.3f}"])
-        if ratio > 1:
-            worse.append(name)
-        print(name, f"{ratio:.3f}", flush=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--zoo-one", name, *flags, *(["--generic"] if args.generic else [])],
+            capture_output=True, text=True,
+        )
+        lines = child.stdout.strip().splitlines()
+        if child.returncode == 0 and lines:
+            ratio = float(lines[-1])
+            rows.append([name, f"{zoo_size(name, args.size)}", f"{ratio:.3f}"])
+            worse += [name] if ratio > 1 else []
+        else:  # a crash is a finding: reported, never hidden
+            error = (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1]
+            rows.append([name, "error", error[:100]])
+        print(*rows[-1], flush=True)
     command = f"python bench/whole_step.py --zoo --batch {args.batch} --size {args.size} --eps {args.eps} --activations {args.activations}" + (" --generic" if args.generic else "")
     text = (
         f"## Whole step, torchvision classifier zoo, {device.type}, batch {args.batch}, eps {args.eps}\n\n"
@@ -142,12 +161,15 @@ def main() -> None:
     parser.add_argument("--activations", default="exact")
     parser.add_argument("--generic", action="store_true")
     parser.add_argument("--zoo", action="store_true")
+    parser.add_argument("--zoo-one", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--per-round", type=int, default=1)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.zoo:
+    if args.zoo_one:
+        print(zoo_one(args.zoo_one, args, device))
+    elif args.zoo:
         zoo(args, device)
     else:
         targets(args, device)
