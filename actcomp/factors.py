@@ -10,7 +10,6 @@ error measurements, never by the kernels' hot path), and how to be taken apart i
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

@@ -2,7 +2,8 @@
 vs plain autograd, on models we did not write.
 
     python bench/whole_step.py [--models resnet18,mobilenet_v2,...] [--batch 32] [--size 224]
-                               [--eps 0.9] [--activations exact|bits4] [--generic] [--write]
+                               [--eps 0.9] [--activations exact|bits4] [--generic]
+                               [--batchnorm factors|input|keep] [--write]
     python bench/whole_step.py --zoo [--batch 4 --size 64]   # every torchvision classifier
 
 For each model (torchvision, random weights, 10 classes, train mode, every Conv/Linear layer
@@ -10,7 +11,7 @@ trained), one SGD step on a smooth batch (bilinear upsampling of 7x7 noise): the
 autograd keeps (counted once per storage through saved_tensors_hooks, parameters excluded),
 the allocator peak of forward+backward (CUDA allocator, or the CPU profiler's allocation
 events) and the median step time, compressed and plain alternating. ``compress(model, "all",
-method="hosvd", eps=eps)`` with ``Neighbours(activations=..., generic=...)``. ``--zoo``
+method="hosvd", eps=eps)`` with ``Neighbours(activations=..., generic=..., batchnorm=...)``. ``--zoo``
 reports saved bytes only, for every classifier torchvision lists.
 """
 
@@ -48,7 +49,7 @@ def build(name: str, device: torch.device) -> nn.Module:
 
 def compressed(model: nn.Module, args: argparse.Namespace, sample: torch.Tensor) -> nn.Module:
     model = copy.deepcopy(model)
-    neighbours = actcomp.Neighbours(activations=args.activations, generic=args.generic)
+    neighbours = actcomp.Neighbours(activations=args.activations, generic=args.generic, batchnorm=args.batchnorm)
     return actcomp.compress(model, "all", method="hosvd", eps=args.eps, neighbours=neighbours, sample=sample)
 
 
@@ -68,6 +69,10 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         loss = F.cross_entropy(model(x), y)
     del loss
     return saved.saved_bytes
+
+
+def _batchnorm_flag(args: argparse.Namespace) -> str:
+    return "" if args.batchnorm == "factors" else f" --batchnorm {args.batchnorm}"
 
 
 def zoo_size(name: str, size: int) -> int:
@@ -91,7 +96,7 @@ def zoo(args: argparse.Namespace, device: torch.device) -> None:
     models; a hard crash is a row, not the end of the sweep)."""
     names = torchvision.models.list_models(module=torchvision.models)
     rows, worse = [], []
-    flags = ["--batch", str(args.batch), "--size", str(args.size), "--eps", str(args.eps), "--activations", args.activations, "--device", args.device]
+    flags = ["--batch", str(args.batch), "--size", str(args.size), "--eps", str(args.eps), "--activations", args.activations, "--batchnorm", args.batchnorm, "--device", args.device]
     for name in names:
         child = subprocess.run(
             [sys.executable, __file__, "--zoo-one", name, *flags, *(["--generic"] if args.generic else [])],
@@ -106,7 +111,7 @@ def zoo(args: argparse.Namespace, device: torch.device) -> None:
             error = (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1]
             rows.append([name, "error", error[:100]])
         print(*rows[-1], flush=True)
-    command = f"python bench/whole_step.py --zoo --batch {args.batch} --size {args.size} --eps {args.eps} --activations {args.activations}" + (" --generic" if args.generic else "")
+    command = f"python bench/whole_step.py --zoo --batch {args.batch} --size {args.size} --eps {args.eps} --activations {args.activations}" + (" --generic" if args.generic else "") + _batchnorm_flag(args)
     text = (
         f"## Whole step, torchvision classifier zoo, {device.type}, batch {args.batch}, eps {args.eps}\n\n"
         f"Machine: {machine(device)}. Command: `{command}`. Saved bytes of one step with every Conv/Linear "
@@ -137,12 +142,12 @@ def targets(args: argparse.Namespace, device: torch.device) -> None:
     header = ["model", "plain saved", "saved", "saved ratio", "plain peak", "peak", "peak ratio", "plain ms", "ms", "time ratio"]
     command = (
         f"python bench/whole_step.py --models {args.models} --batch {args.batch} --size {args.size} --eps {args.eps} "
-        f"--activations {args.activations}{' --generic' if args.generic else ''} --rounds {args.rounds} --per-round {args.per_round}"
+        f"--activations {args.activations}{' --generic' if args.generic else ''}{_batchnorm_flag(args)} --rounds {args.rounds} --per-round {args.per_round}"
     )
-    key = f"whole-step-{device.type}-{args.activations}{'-generic' if args.generic else ''}"
+    key = f"whole-step-{device.type}-{args.activations}{'-generic' if args.generic else ''}{'' if args.batchnorm == 'factors' else '-bn-' + args.batchnorm}"
     text = (
         f"## Whole step, every layer trained, {device.type}, batch {args.batch}, {args.size}x{args.size}, hosvd eps {args.eps}, "
-        f"activations {args.activations}{', generic packer' if args.generic else ''}\n\n"
+        f"activations {args.activations}{', generic packer' if args.generic else ''}{'' if args.batchnorm == 'factors' else ', batchnorm ' + args.batchnorm}\n\n"
         f"Machine: {machine(device)}. Command: `{command}`. Saved: what autograd keeps in one step, "
         "counted once per storage; peak: allocator high-water mark of forward+backward above the "
         f"weights (gradients included); time: median SGD step of {args.rounds * args.per_round}, variants alternating.\n\n"
@@ -159,6 +164,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--eps", type=float, default=0.9)
     parser.add_argument("--activations", default="exact")
+    parser.add_argument("--batchnorm", default="factors", choices=["factors", "input", "keep"])
     parser.add_argument("--generic", action="store_true")
     parser.add_argument("--zoo", action="store_true")
     parser.add_argument("--zoo-one", metavar="MODEL", help=argparse.SUPPRESS)

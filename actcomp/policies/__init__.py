@@ -40,7 +40,7 @@ from actcomp.methods import InputLayout, method_class
 from actcomp.state import LayerState
 
 ACTIVATION_POLICIES = ("exact", "bits1", "bits2", "bits4", "bits8")
-BATCHNORM_POLICIES = ("factors", "keep")
+BATCHNORM_POLICIES = ("factors", "input", "keep")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class Neighbours:
     ``activations``: smooth activations (GELU, SiLU, Hardswish, Sigmoid, Tanh): ``"exact"``
     (default: plain autograd) or ``"bits1"``/``"bits2"``/``"bits4"``/``"bits8"`` (a k-bit
     piecewise-constant derivative). ``batchnorm``: a BatchNorm whose statistics or weight
-    train keeps ``"factors"`` of its normalised input (default) or its input (``"keep"``).
+    train keeps ``"factors"`` of its normalised input (default), factors of its input
+    (``"input"``: usually fewer bytes at the same eps) or its input itself (``"keep"``).
     ``generic``: pack every other large saved tensor as factors (opt-in). ``threshold``:
     bytes below which the generic packer keeps a tensor as it is. ``eps``: the eps of the
     approximate policies (None: the eps given to compress). ReLU-family masks, pooling

@@ -10,7 +10,11 @@ modes written <.>:
   dgamma = sum dY x_hat, dbeta = sum dY. x_hat is kept as Tucker factors at eps (policy
   ``factors``: exact at eps = 1) and rebuilt transiently in backward, where dX is computed in
   its buffer (dY and x_hat are the only tensors of the input's size alive at once; torch's own
-  CPU backward holds a third).
+  CPU backward holds a third). ``Neighbours(batchnorm="input")`` keeps factors of x itself
+  instead, normalised in backward with the kept mu and sigma (exact at eps = 1 too): x has
+  channels of unequal energy and a per-channel mean, so at the same eps it usually takes
+  fewer bytes than x_hat, whose channels all have unit variance, and it spends eps on x's
+  energy rather than x_hat's (channels of small variance are approximated less well).
 
 The forward is torch's own (running statistics and num_batches_tracked updated as nn.BatchNorm
 does), so outputs are unchanged.
@@ -34,7 +38,7 @@ def _channel(v: Tensor, ndim: int) -> Tensor:
 
 class FactoredBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, batch_stats, momentum, eps, state, keep_x_hat):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, running_mean, running_var, batch_stats, momentum, eps, state, keep_x_hat, of_input=False):  # type: ignore[override]
         dims = (0, *range(2, x.ndim))
         if batch_stats:
             var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
@@ -47,9 +51,12 @@ class FactoredBatchNorm(torch.autograd.Function):
             # x_hat is factored and dropped before the output exists: x, x_hat and the first
             # factorisation step are the only tensors of x's size alive (often the step's peak)
             with torch.no_grad():
-                x_hat = x.sub(_channel(mean, x.ndim)).mul_(_channel(invstd, x.ndim))
-                factors = state.factor(x_hat.to(x.dtype))
-                del x_hat
+                if of_input:  # policy "input": factors of x itself; x_hat is made in backward
+                    factors = state.factor(x.detach())
+                else:
+                    x_hat = x.sub(_channel(mean, x.ndim)).mul_(_channel(invstd, x.ndim))
+                    factors = state.factor(x_hat.to(x.dtype))
+                    del x_hat
             ctx.kind, ctx.meta = type(factors), factors.meta()
             tensors += list(factors.tensors())
         else:
@@ -58,7 +65,7 @@ class FactoredBatchNorm(torch.autograd.Function):
         y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
         mark_kept("factors" if keep_x_hat else "nothing", *tensors)
         ctx.save_for_backward(weight, *tensors)
-        ctx.batch_stats, ctx.has_bias = batch_stats, bias is not None
+        ctx.batch_stats, ctx.has_bias, ctx.of_input = batch_stats, bias is not None, of_input
         return y
 
     @staticmethod
@@ -68,6 +75,8 @@ class FactoredBatchNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dims = (0, *range(2, grad_out.ndim))
         x_hat = ctx.kind.from_tensors(tuple(factor_tensors), **ctx.meta).reconstruct().to(grad_out.dtype) if ctx.kind else None
+        if x_hat is not None and ctx.of_input:  # the factors stand for x: normalise in place
+            x_hat.sub_(_channel(mean.to(x_hat.dtype), x_hat.ndim)).mul_(_channel(invstd.to(x_hat.dtype), x_hat.ndim))
         sum_dy = grad_out.sum(dims)
         dy_x_hat = _channel_dot(grad_out, x_hat) if x_hat is not None else None
         scale = (invstd if weight is None else weight.to(invstd.dtype) * invstd).to(grad_out.dtype)
@@ -85,7 +94,7 @@ class FactoredBatchNorm(torch.autograd.Function):
             grad_w = dy_x_hat.to(weight.dtype)
         if ctx.has_bias and needs[2]:
             grad_b = sum_dy.to(weight.dtype if weight is not None else grad_out.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -109,7 +118,7 @@ def batchnorm(module: nn.modules.batchnorm._BatchNorm, x: Tensor, state: Neighbo
         return None
     batch_stats = module.training or (module.running_mean is None and module.running_var is None)
     keep_x_hat = batch_stats or (weight is not None and weight.requires_grad)
-    if keep_x_hat and not (state.approximate and state.neighbours.batchnorm == "factors"):
+    if keep_x_hat and not (state.approximate and state.neighbours.batchnorm in ("factors", "input")):
         return None
     momentum = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats and module.num_batches_tracked is not None:
@@ -118,4 +127,5 @@ def batchnorm(module: nn.modules.batchnorm._BatchNorm, x: Tensor, state: Neighbo
     use_running = not module.training or module.track_running_stats
     running_mean = module.running_mean if use_running else None
     running_var = module.running_var if use_running else None
-    return FactoredBatchNorm.apply(x, weight, bias, running_mean, running_var, batch_stats, momentum, module.eps, state, keep_x_hat)
+    of_input = state.neighbours.batchnorm == "input"
+    return FactoredBatchNorm.apply(x, weight, bias, running_mean, running_var, batch_stats, momentum, module.eps, state, keep_x_hat, of_input)

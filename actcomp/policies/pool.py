@@ -50,9 +50,9 @@ def _window_geometry(out_shape: tuple[int, ...], stride, padding, dilation, kern
 _CHUNK = 1 << 20
 
 
-def _plane_chunks(planes: int, per_plane: int) -> range:
-    """Starts of chunks of whole planes with about _CHUNK elements each."""
-    return range(0, planes, max(1, _CHUNK // max(per_plane, 1)))
+def _planes_per_chunk(per_plane: int) -> int:
+    """How many whole planes of ``per_plane`` elements make about _CHUNK elements (at least 1)."""
+    return max(1, _CHUNK // max(per_plane, 1))
 
 
 def local_indices(flat: Tensor, in_spatial: tuple[int, ...], stride, padding, dilation, kernel) -> Tensor:
@@ -63,7 +63,7 @@ def local_indices(flat: Tensor, in_spatial: tuple[int, ...], stride, padding, di
     planes = flat.shape[0] * flat.shape[1]
     flat_planes = flat.reshape(planes, *out_spatial)
     local = torch.empty(flat_planes.shape, dtype=_index_dtype(math.prod(kernel)), device=flat.device)
-    step = _plane_chunks(planes, math.prod(out_spatial)).step
+    step = _planes_per_chunk(math.prod(out_spatial))
     for start in range(0, planes, step):
         rest = flat_planes[start : start + step].clone()
         chunk = torch.zeros_like(rest)
@@ -112,7 +112,7 @@ class SmallIndexMaxPool(torch.autograd.Function):
         planes = ctx.input_shape[0] * ctx.input_shape[1]
         grad = grad_out.new_zeros(planes, math.prod(ctx.input_shape[2:]))
         local, grad_out = local.reshape(planes, 1, *local.shape[2:]), grad_out.reshape(planes, -1)
-        step = _plane_chunks(planes, grad_out.shape[1]).step
+        step = _planes_per_chunk(grad_out.shape[1])
         for start in range(0, planes, step):  # int64 indices of one chunk at a time
             flat = flat_indices(local[start : start + step], *ctx.geometry)
             grad[start : start + step].scatter_add_(1, flat.flatten(1), grad_out[start : start + step])

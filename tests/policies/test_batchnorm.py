@@ -25,8 +25,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("policy", ["factors", "input"])
 @pytest.mark.parametrize("case", CASES)
-def test_eps_one_equals_plain_autograd(case):
+def test_eps_one_equals_plain_autograd(case, policy):
     model = block(CASES[case]())
     with torch.no_grad():  # non-trivial running statistics and affine parameters
         model[1].running_mean.uniform_(-0.5, 0.5) if model[1].running_mean is not None else None
@@ -35,7 +36,7 @@ def test_eps_one_equals_plain_autograd(case):
             model[1].weight.uniform_(0.5, 1.5)
             model[1].bias.uniform_(-0.5, 0.5)
     reference = copy.deepcopy(model)
-    actcomp.compress(model, eps=1.0)
+    actcomp.compress(model, eps=1.0, neighbours=actcomp.Neighbours(batchnorm=policy))
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     for _ in range(2):
         grads = []
@@ -70,6 +71,9 @@ def test_training_batchnorm_keeps_factors_or_its_input():
     actcomp.compress(model, eps=0.8)
     report = actcomp.measure(model, x)
     row = next(r for r in report.rows if r.name == "1")
+    assert row.policy == "factors" and row.saved_bytes < row.vanilla_saved_bytes / 2
+    actcomp.compress(model, eps=0.8, neighbours=actcomp.Neighbours(batchnorm="input"))
+    row = next(r for r in actcomp.measure(model, x).rows if r.name == "1")
     assert row.policy == "factors" and row.saved_bytes < row.vanilla_saved_bytes / 2
     actcomp.compress(model, eps=0.8, neighbours=actcomp.Neighbours(batchnorm="keep"))
     row = next(r for r in actcomp.measure(model, x).rows if r.name == "1")
