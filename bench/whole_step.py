@@ -84,6 +84,7 @@ def zoo_size(name: str, size: int) -> int:
 
 def zoo_one(name: str, args: argparse.Namespace, device: torch.device) -> str:
     """One zoo model's saved-bytes ratio, printed as its last line (run in a child process)."""
+    torch.manual_seed(args.seed)
     size = zoo_size(name, args.size)
     x, y = smooth_batch(args.batch, size, device), torch.randint(0, 10, (args.batch,), device=device)
     plain = build(name, device)
@@ -123,6 +124,7 @@ def zoo(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def targets(args: argparse.Namespace, device: torch.device) -> None:
+    torch.manual_seed(args.seed)  # the same batch in every run: ranks, and so bytes, depend on it
     x = smooth_batch(args.batch, args.size, device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     rows = []
@@ -168,6 +170,7 @@ def main() -> None:
     parser.add_argument("--generic", action="store_true")
     parser.add_argument("--zoo", action="store_true")
     parser.add_argument("--zoo-one", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch (default 0)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--per-round", type=int, default=1)
     parser.add_argument("--write", action="store_true")
