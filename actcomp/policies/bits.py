@@ -1,13 +1,19 @@
 """Packing boolean masks into bits and small integer codes into k-bit fields (uint8 storage).
 
 A mask of n booleans takes ceil(n / 8) bytes instead of n (torch.bool) or 4n (a float32
-output); codes of k bits (k in 1, 2, 4, 8) take ceil(n k / 8) bytes.
+output); codes of k bits (k in 1, 2, 4, 8) take ceil(n k / 8) bytes. :func:`save_codes` and
+:func:`saved_codes` keep such codes for an autograd Function's backward.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from actcomp.saved_hooks import mark_kept
 
 _WIDTHS = (1, 2, 4, 8)
 
@@ -36,14 +42,16 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     return ((packed[:, None] >> shifts) & mask).reshape(-1)[:numel]
 
 
-def pack_mask(mask: Tensor) -> Tensor:
-    """A boolean mask (any shape) as bits: a flat uint8 tensor of ceil(numel / 8) bytes."""
-    return pack_codes(mask, 1)
+def save_codes(ctx: Any, codes: Tensor, bits: int, policy: str) -> None:
+    """Keep ``codes`` (a boolean mask for bits = 1) packed for backward: marked as kept under
+    ``policy`` (packers leave it alone, measure reports it) and saved on ``ctx`` with its shape."""
+    packed = pack_codes(codes, bits)
+    mark_kept(policy, packed)
+    ctx.save_for_backward(packed)
+    ctx.codes_shape, ctx.bits = codes.shape, bits
 
 
-def unpack_mask(packed: Tensor, shape: torch.Size) -> Tensor:
-    """The boolean mask of ``shape`` that :func:`pack_mask` packed."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    return unpack_codes(packed, 1, numel).view(shape).bool()
+def saved_codes(ctx: Any) -> Tensor:
+    """The uint8 codes :func:`save_codes` kept, in their shape (0/1 for a mask)."""
+    (packed,) = ctx.saved_tensors
+    return unpack_codes(packed, ctx.bits, math.prod(ctx.codes_shape)).view(ctx.codes_shape)

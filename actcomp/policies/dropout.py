@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from actcomp.policies import NeighbourState, register_neighbour
-from actcomp.policies.bits import pack_mask, unpack_mask
-from actcomp.saved_hooks import mark_kept
+from actcomp.policies.bits import save_codes, saved_codes
 
 
 class PackedDropout(torch.autograd.Function):
@@ -32,10 +31,8 @@ class PackedDropout(torch.autograd.Function):
                 x.copy_(y)
                 y = x
             ctx.scale = 1.0 / (1 - p)
-        packed = pack_mask(mask)
-        mark_kept("bits", packed)
-        ctx.save_for_backward(packed)
-        ctx.shape, ctx.device_type = x.shape, x.device.type
+        save_codes(ctx, mask, 1, "bits")
+        ctx.device_type = x.device.type
         if inplace:
             ctx.mark_dirty(x)
         return y
@@ -43,8 +40,7 @@ class PackedDropout(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        (packed,) = ctx.saved_tensors
-        mask = unpack_mask(packed, ctx.shape)
+        mask = saved_codes(ctx).bool()
         if ctx.device_type == "cpu":
             return grad_out * (mask.to(grad_out.dtype) * ctx.scale), None, None
         return torch.ops.aten.native_dropout_backward(grad_out, mask, ctx.scale), None, None

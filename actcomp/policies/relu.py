@@ -14,8 +14,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from actcomp.policies import NeighbourState, register_neighbour
-from actcomp.policies.bits import pack_mask, unpack_mask
-from actcomp.saved_hooks import mark_kept
+from actcomp.policies.bits import save_codes, saved_codes
 
 
 class MaskedActivation(torch.autograd.Function):
@@ -29,10 +28,8 @@ class MaskedActivation(torch.autograd.Function):
         else:
             mask = x > 0
             y = F.leaky_relu(x, slope, inplace) if kind == "leaky" else F.relu(x, inplace)
-        packed = pack_mask(mask)
-        mark_kept("bits", packed)
-        ctx.save_for_backward(packed)
-        ctx.shape, ctx.slope, ctx.kind = x.shape, slope, kind
+        save_codes(ctx, mask, 1, "bits")
+        ctx.slope, ctx.kind = slope, kind
         if inplace:
             ctx.mark_dirty(x)
         return y
@@ -40,8 +37,7 @@ class MaskedActivation(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        (packed,) = ctx.saved_tensors
-        mask = unpack_mask(packed, ctx.shape)
+        mask = saved_codes(ctx).bool()
         if ctx.kind == "leaky":
             grad = torch.where(mask, grad_out, grad_out * ctx.slope)
         else:

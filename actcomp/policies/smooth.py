@@ -23,8 +23,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from actcomp.policies import NeighbourState, register_neighbour
-from actcomp.policies.bits import pack_codes, unpack_codes
-from actcomp.saved_hooks import mark_kept
+from actcomp.policies.bits import save_codes, saved_codes
 
 SMOOTH = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
 _GRID = np.linspace(-8.0, 8.0, 401)
@@ -108,7 +107,7 @@ class QuantizedDerivative(torch.autograd.Function):
     def forward(ctx, x: Tensor, kind: str, bits: int, inplace: bool) -> Tensor:  # type: ignore[override]
         breakpoints, levels = codebook(kind, bits)
         codes = torch.bucketize(x.detach(), breakpoints.to(x.device, x.dtype))
-        packed = pack_codes(codes, bits)
+        save_codes(ctx, codes, bits, f"bits{bits}")
         del codes
         fn = _FUNCTIONS[kind]
         y = fn(x)
@@ -116,18 +115,14 @@ class QuantizedDerivative(torch.autograd.Function):
             x.copy_(y)
             y = x
             ctx.mark_dirty(x)
-        mark_kept(f"bits{bits}", packed)
-        ctx.save_for_backward(packed)
-        ctx.shape, ctx.kind, ctx.bits = x.shape, kind, bits
+        ctx.kind = kind
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        (packed,) = ctx.saved_tensors
         _, levels = codebook(ctx.kind, ctx.bits)
-        codes = unpack_codes(packed, ctx.bits, math.prod(ctx.shape)).long()
-        derivative = levels.to(grad_out.device, grad_out.dtype)[codes].view(ctx.shape)
+        derivative = levels.to(grad_out.device, grad_out.dtype)[saved_codes(ctx).long()]
         return grad_out * derivative, None, None, None
 
 
