@@ -204,7 +204,8 @@ def _compare_peft(args: argparse.Namespace) -> int:
 
 
 def _compare_optimizers(args: argparse.Namespace) -> int:
-    from actcomp.optim.compare import format_points, run_optimizer_compare, write_points_csv
+    from actcomp.compare import write_csv
+    from actcomp.optim.compare import format_points, run_optimizer_compare
 
     names = tuple(n.strip() for n in args.optimizers.split(","))
     CompressionConfig("hosvd", args.eps)
@@ -214,7 +215,7 @@ def _compare_optimizers(args: argparse.Namespace) -> int:
     )
     print(f"Optimizers on the last {args.max_layers} layers, hosvd eps {args.eps:g} (same activation memory for all)")
     print(format_points(points))
-    print(f"wrote {write_points_csv(points, Path(args.out) / 'optimizers.csv')}")
+    print(f"wrote {write_csv(points, Path(args.out) / 'optimizers.csv')}")
     return 0
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import csv
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,7 +75,9 @@ def run_compare(
     return points
 
 
-def write_csv(points: list[ComparePoint] | list["PeftPoint"], path: str | Path) -> Path:
+def write_csv(points: Sequence[Any], path: str | Path) -> Path:
+    """Rows of dataclass records (ComparePoint, PeftPoint, OptimizerPoint ...) as CSV, one column
+    per field, the header from the first record's fields."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

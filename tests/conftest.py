@@ -1,3 +1,6 @@
+import signal
+import subprocess
+
 import pytest
 import torch
 
@@ -13,3 +16,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def sigkill_when_blocked(argv: list[str], cwd) -> None:
+    """Run ``argv`` in a child process until it prints BLOCKED (its write is under way and
+    held there), then SIGKILL it; fail if it ends before that."""
+    child = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stdout:
+            if line.strip() == "BLOCKED":
+                break
+        else:
+            pytest.fail(f"the child ended without reaching the write: {child.wait()} {child.stderr.read()[-2000:]}")
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()

@@ -3,8 +3,6 @@
 import errno
 import json
 import os
-import signal
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 
 from actcomp.cli import main
 from actcomp.finetune import FinetuneConfig, load_checkpoint, run_finetune
+from conftest import sigkill_when_blocked
 
 
 class Interrupted(Exception):
@@ -147,23 +146,7 @@ sys.exit(main(sys.argv[3:]))
 
 
 def run_until_blocked(args, where, target):
-    child = subprocess.Popen(
-        [sys.executable, "-c", KILLED_CHILD, where, target, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        for line in child.stdout:
-            if line.strip() == "BLOCKED":
-                break
-        else:
-            pytest.fail(f"the child ended without reaching the write: {child.wait()} {child.stderr.read()[-2000:]}")
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        child.stderr.close()
+    sigkill_when_blocked([sys.executable, "-c", KILLED_CHILD, where, target, *args], ROOT)
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])

@@ -13,11 +13,9 @@ next refresh), plus the median step time.
 from __future__ import annotations
 
 import copy
-import csv
 import statistics
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -190,13 +188,3 @@ def format_points(points: list[OptimizerPoint]) -> str:
         for p in points
     ]
     return aligned_table(header, rows)
-
-
-def write_points_csv(points: list[OptimizerPoint], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
-        writer.writeheader()
-        writer.writerows(asdict(p) for p in points)
-    return path

@@ -2,7 +2,6 @@
 
 import importlib.util
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from actcomp.data import digits
 from actcomp.export import export_bundle
+from conftest import sigkill_when_blocked
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -112,23 +112,7 @@ runpy.run_path(runner, run_name="__main__")
 @pytest.mark.parametrize("where", ["write", "fsync"])
 def test_sigkill_during_the_state_write_leaves_the_old_state(bundle, where):
     before = (bundle / "state.npz").read_bytes()
-    child = subprocess.Popen(
-        [sys.executable, "-c", KILLED_RUNNER, where, str(bundle / "runner.py")], cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        for line in child.stdout:
-            if line.strip() == "BLOCKED":
-                break
-        else:
-            pytest.fail(f"the runner ended without reaching the write: {child.wait()} {child.stderr.read()[-2000:]}")
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        child.stderr.close()
+    sigkill_when_blocked([sys.executable, "-c", KILLED_RUNNER, where, str(bundle / "runner.py")], bundle)
     assert (bundle / "state.npz.tmp").exists()  # the write really was under way
     assert (bundle / "state.npz").read_bytes() == before
     with np.load(bundle / "state.npz") as state:
