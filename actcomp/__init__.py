@@ -8,15 +8,15 @@ Public API::
     actcomp.restore(model)                # back to plain autograd
 """
 
-from actcomp import decompose
-from actcomp.config import CompressionConfig, LayerStats
-from actcomp.decompose import explained_rank, hosvd, truncated_svd
-from actcomp.factors import LowRank, Tucker
-from actcomp.hooks import compress, compressed_layers, layer_state, restore, stats, suspended
+from actcomp.linalg import decompose
+from actcomp.core.config import CompressionConfig, LayerStats
+from actcomp.linalg.decompose import explained_rank, hosvd, truncated_svd
+from actcomp.linalg.factors import LowRank, Tucker
+from actcomp.attach import compress, compressed_layers, layer_state, restore, stats, suspended
 from actcomp.kernels import LayerFamily, register_kernel, register_layer, supported_types
 from actcomp.methods import Compressor, InputLayout, method_names, register_method
 from actcomp.policies import Neighbours, NeighbourState
-from actcomp.state import LayerState
+from actcomp.core.state import LayerState
 from actcomp.devices import DeviceProfile, list_devices, load_device
 from actcomp.memory import MemoryReport, SavedTensors, count_saved, measure
 from actcomp.memory.plan import LayerChoice, Plan, plan

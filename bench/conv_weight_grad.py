@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-from actcomp.decompose import hosvd  # noqa: E402
-from actcomp.factors import Tucker  # noqa: E402
+from actcomp.linalg.decompose import hosvd  # noqa: E402
+from actcomp.linalg.factors import Tucker  # noqa: E402
 from actcomp.kernels.conv import ConvGeometry, _conv_backward, _pad_rows, tucker_weight_grad  # noqa: E402
 from common import interleaved_medians  # noqa: E402
 from layers import SHAPES, smooth_input  # noqa: E402

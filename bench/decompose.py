@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 # The repository root first, so that this checkout's actcomp is measured (not an installed one).
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
-from actcomp.decompose import hosvd  # noqa: E402
-from actcomp.syncfree import SyncFreeState, syncfree_hosvd  # noqa: E402
+from actcomp.linalg.decompose import hosvd  # noqa: E402
+from actcomp.linalg.syncfree import SyncFreeState, syncfree_hosvd  # noqa: E402
 from common import interleaved_medians, machine, markdown_table, publish  # noqa: E402
 from layers import SHAPES, smooth_input  # noqa: E402
 

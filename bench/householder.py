@@ -104,7 +104,7 @@ def layer_section(d: int, batch: int, reflections: list[int], device: torch.devi
 
 
 def finetune_section(args: argparse.Namespace) -> str:
-    from actcomp.compare import run_peft_compare
+    from actcomp.app.compare import run_peft_compare
 
     points = run_peft_compare(max_layers=args.max_layers, reflections=args.reflections, eps=args.eps, lr=args.lr, progress=False)
     header = ["method", "layers", "trainable params", "kept by the layers", "accuracy"]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's actcomp
 import actcomp  # noqa: E402
 from actcomp.memory import format_bytes  # noqa: E402
-from actcomp.state import KernelNotRunWarning  # noqa: E402
+from actcomp.core.state import KernelNotRunWarning  # noqa: E402
 from common import machine, markdown_table, publish  # noqa: E402
 
 MODELS = ("vit_b_16", "swin_t", "gpt2", "bert")

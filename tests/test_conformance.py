@@ -280,7 +280,7 @@ def test_unsupported_call_signature_raises_naming_the_layer():
 def test_extra_forward_arguments_are_refused_by_name():
     """A layer whose forward takes more than its input (a registered type with an optional
     argument): the compressed kernel binds the call as that forward does and refuses the extra."""
-    from actcomp.hooks.swap import _input_of
+    from actcomp.attach.swap import _input_of
 
     class WithExtra(nn.Linear):
         def forward(self, input, scale=None):  # noqa: A002

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.state import KernelNotRunWarning
+from actcomp.core.state import KernelNotRunWarning
 from conftest import rel_err
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from actcomp.export.inference import onnx_inference
 from actcomp.export.memory import graph_memory_plan
 from actcomp.export.step import training_step
-from actcomp.files import atomic_write, atomic_write_text
+from actcomp.core.files import atomic_write, atomic_write_text
 
 
 def check_step_settings(*, max_rank: int, eps: float, momentum: float, lr: float) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from actcomp.export.verify import check_against_eager, strip_metadata
-from actcomp.hooks.swap import restore
+from actcomp.attach.swap import restore
 
 
 @dataclass(frozen=True)

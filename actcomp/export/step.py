@@ -37,8 +37,8 @@ import torch._decomp
 from torch import Tensor, nn
 
 from actcomp.export.verify import check_against_eager, strip_metadata
-from actcomp.factors import LowRank, Tucker, mode_product
-from actcomp.hooks.swap import restore
+from actcomp.linalg.factors import LowRank, Tucker, mode_product
+from actcomp.attach.swap import restore
 from actcomp.kernels import base_type
 from actcomp.kernels.conv import ConvGeometry, conv_bias_grad, tucker_weight_grad_by_convolution
 from actcomp.kernels.linear import linear_bias_grad

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actcomp.factors import LowRank, PatchMeans, Tucker, mode_product
-from actcomp.kernels import LayerFamily, register_layer
-from actcomp.methods import InputLayout
+from actcomp.linalg.factors import LowRank, PatchMeans, Tucker, mode_product
+from actcomp.kernels.base import LayerFamily, register_layer
+from actcomp.methods.base import InputLayout
 from actcomp.methods.gradient_filter import patch_means
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

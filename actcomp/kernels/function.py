@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from actcomp.kernels import LayerFamily, Registration, base_type
-from actcomp.methods import Compressor, InputLayout
-from actcomp.saved_hooks import mark_kept
-from actcomp.state import BackwardRecord
+from actcomp.kernels.base import Kernel, LayerFamily, Registration, base_type, registration_for
+from actcomp.methods.base import Compressor, InputLayout
+from actcomp.core.dispatch import mark_kept
+from actcomp.core.state import BackwardRecord
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -54,7 +54,7 @@ class _Call:
     family: LayerFamily
     geometry: Any
     layout: InputLayout
-    state: Any  # actcomp.state.LayerState
+    state: Any  # actcomp.core.state.LayerState
     compressor: Compressor
     dtype: torch.dtype | None
 
@@ -136,3 +136,13 @@ def run_layer(registration: Registration, module: nn.Module, x: Tensor, state: A
         with torch.autocast(x.device.type, enabled=False):
             y = CompressedOp.apply(x, weight, bias, _Call(family, geometry, layout, state, compressor, dtype))
     return y.squeeze(0) if added else y
+
+
+def kernel_for(module_type: type[nn.Module]) -> Kernel | None:
+    """The compressed forward ``kernel(module, x, state) -> y`` of ``module_type``, or None."""
+    registration = registration_for(module_type)
+    if registration is None:
+        return None
+    if registration.kernel is not None:
+        return registration.kernel
+    return lambda module, x, state: run_layer(registration, module, x, state)

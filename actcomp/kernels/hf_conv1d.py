@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from actcomp.kernels import register_layer
+from actcomp.kernels.base import register_layer
 from actcomp.kernels.linear import LINEAR
 
 HF_CONV1D = "transformers.pytorch_utils.Conv1D"

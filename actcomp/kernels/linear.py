@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actcomp.factors import LowRank, Tucker, mode_product
-from actcomp.kernels import LayerFamily, register_layer
-from actcomp.methods import InputLayout
+from actcomp.linalg.factors import LowRank, Tucker, mode_product
+from actcomp.kernels.base import LayerFamily, register_layer
+from actcomp.methods.base import InputLayout
 
 
 def tucker_weight_grad(tucker: Tucker, grad_out: Tensor, weight_shape: torch.Size | None = None, geometry: None = None) -> Tensor:

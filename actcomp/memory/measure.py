@@ -21,11 +21,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from actcomp.hooks.swap import compressed_layers, layer_state, suspended
+from actcomp.attach.swap import compressed_layers, layer_state, suspended
 from actcomp.policies import NeighbourState
 from actcomp.kernels import base_type
-from actcomp.saved_hooks import kept_policy, kept_tensors, observing
-from actcomp.text import aligned_table
+from actcomp.core.dispatch import kept_policy, kept_tensors, observing
+from actcomp.memory.format import aligned_table
 
 LOSS_ROW = "(loss)"
 OUTSIDE_ROW = "(outside modules)"

@@ -24,16 +24,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from actcomp.config import CompressionConfig
+from actcomp.core.config import CompressionConfig
 from actcomp.devices import DeviceProfile, load_device
-from actcomp.hooks.select import LayerSelector, execution_order, select_layers
-from actcomp.hooks.swap import attach_neighbour, compress, neighbour_states, restore, stats
+from actcomp.attach.select import LayerSelector, execution_order, select_layers
+from actcomp.attach.swap import attach_neighbour, compress, neighbour_states, restore, stats
 from actcomp.kernels import base_type
 from actcomp.methods import method_class, method_names
 from actcomp.memory.measure import format_bytes, loss_of, measure
 from actcomp.policies import Neighbours, factor_config
 from actcomp.memory.saved import count_saved
-from actcomp.text import aligned_table
+from actcomp.memory.format import aligned_table
 
 DEFAULT_EPS_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from actcomp.saved_hooks import kept_tensors, observing
+from actcomp.core.dispatch import kept_tensors, observing
 
 
 @dataclass

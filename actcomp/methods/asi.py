@@ -2,8 +2,8 @@
 
 Each non-batch mode keeps its factor from the previous step and refines it with one step of
 subspace iteration; it is used only when it still explains at least eps of ||X||_F^2, else the
-mode is recomputed by Gram + eigh (see :func:`actcomp.decompose.tracked_hosvd`). The per-layer
-state is a :class:`~actcomp.decompose.SubspaceTracker`.
+mode is recomputed by Gram + eigh (see :func:`actcomp.linalg.decompose.tracked_hosvd`). The per-layer
+state is a :class:`~actcomp.linalg.decompose.SubspaceTracker`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from actcomp.decompose import SubspaceTracker, tracked_hosvd
-from actcomp.factors import Tucker
-from actcomp.methods import Compressor, InputLayout, register_method
+from actcomp.linalg.tracked import SubspaceTracker, tracked_hosvd
+from actcomp.linalg.factors import Tucker
+from actcomp.methods.base import Compressor, InputLayout, register_method
 
 
 @register_method

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from actcomp.decompose import NonFiniteActivationError
-from actcomp.factors import PatchMeans
-from actcomp.methods import Compressor, InputLayout, register_method
+from actcomp.linalg.decompose import NonFiniteActivationError
+from actcomp.linalg.factors import PatchMeans
+from actcomp.methods.base import Compressor, InputLayout, register_method
 
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 

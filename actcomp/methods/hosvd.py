@@ -4,7 +4,7 @@ The modes are truncated one after another, smallest first: mode n's factor U_n h
 eigenvectors of the Gram matrix of the unfolding of X already projected on the earlier modes,
 K_n the smallest rank explaining a fraction eps of that tensor's energy, so that
 ||X - X~||^2 <= (1 - eps^N) ||X||^2; the core is the last projected tensor (see
-:func:`actcomp.decompose.hosvd`).
+:func:`actcomp.linalg.decompose.hosvd`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
-from actcomp.decompose import hosvd
-from actcomp.factors import Tucker
-from actcomp.methods import Compressor, InputLayout, register_method
+from actcomp.linalg.decompose import hosvd
+from actcomp.linalg.factors import Tucker
+from actcomp.methods.base import Compressor, InputLayout, register_method
 
 
 @register_method

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actcomp.methods import Compressor, InputLayout, register_method
+from actcomp.methods.base import Compressor, InputLayout, register_method
 
 
 @register_method

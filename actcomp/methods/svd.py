@@ -2,7 +2,7 @@
 
 The input is unfolded with its sample modes (the layout's ``sample_modes``: the batch mode of a
 convolution, every leading mode of a Linear input) as rows, X_rows ~ L R, with k the smallest
-rank explaining a fraction eps of ||X||_F^2 (:func:`actcomp.decompose.truncated_svd`). ``R``
+rank explaining a fraction eps of ||X||_F^2 (:func:`actcomp.linalg.decompose.truncated_svd`). ``R``
 keeps the trailing shape: (k, C, *spatial) for a convolution, (k, C) for Linear.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
-from actcomp.decompose import truncated_svd
-from actcomp.factors import LowRank
-from actcomp.methods import Compressor, InputLayout, register_method
+from actcomp.linalg.decompose import truncated_svd
+from actcomp.linalg.factors import LowRank
+from actcomp.methods.base import Compressor, InputLayout, register_method
 
 
 @register_method

@@ -1,7 +1,7 @@
 """Where an optimizer gets a layer's curvature statistics: the factors, or the plain hooks.
 
 A compressed layer whose weight is trained runs actcomp's autograd Function, whose backward
-calls the layer state's observers with a :class:`~actcomp.state.BackwardRecord` (the input's
+calls the layer state's observers with a :class:`~actcomp.core.state.BackwardRecord` (the input's
 factors and dY); an optimizer builds its statistics there and the input is never kept. A layer
 that runs plain autograd instead (not compressed, inside :func:`actcomp.suspended`, a method
 that leaves it exact, a frozen weight) goes through a forward hook, as the stock optimizer's
@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from actcomp.hooks import layer_state
+from actcomp.attach import layer_state
 from actcomp.kernels.function import CompressedOp
-from actcomp.state import BackwardRecord
+from actcomp.core.state import BackwardRecord
 
 
 def ran_compressed(module: nn.Module, output: Any) -> bool:

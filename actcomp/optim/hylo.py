@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from actcomp.kernels.conv import ConvGeometry
 from actcomp.optim.capture import LayerTap
 from actcomp.optim.samples import SampleFactors, factor_samples, input_samples, output_samples
-from actcomp.state import BackwardRecord
+from actcomp.core.state import BackwardRecord
 
 MODES = ("kid", "kis", "hybrid")
 

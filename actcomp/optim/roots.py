@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from actcomp.factors import LowRank, Tucker, mode_product
+from actcomp.linalg.factors import LowRank, Tucker, mode_product
 from actcomp.kernels.conv import ConvGeometry
 
 APPROXIMATIONS = ("expand", "reduce")

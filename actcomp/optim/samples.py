@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from actcomp.factors import LowRank, Tucker
+from actcomp.linalg.factors import LowRank, Tucker
 from actcomp.kernels.conv import ConvGeometry
 from actcomp.optim.roots import conv2d_parts, conv2d_patch_means, group_mean_channels, tucker_view
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from actcomp.optim.capture import LayerTap
 from actcomp.optim.roots import kfac_root
-from actcomp.state import BackwardRecord
+from actcomp.core.state import BackwardRecord
 
 try:
     from singd.optim.optimizer import SINGD as _StockSINGD

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from actcomp.hooks.select import execution_order
+from actcomp.attach.select import execution_order
 from actcomp.peft.householder import DEFAULT_BLOCK_SIZE
 from actcomp.peft.layers import SIDES, SVDWeight, adaptable_type_names, svd_class_for
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from actcomp.kernels import LayerFamily, register_layer
 from actcomp.kernels.conv import CONV
 from actcomp.kernels.linear import LINEAR
-from actcomp.peft import layers
+import actcomp.peft.layers as layers
 
 FAMILIES: dict[str, LayerFamily] = {"linear": LINEAR, "conv": CONV}
 

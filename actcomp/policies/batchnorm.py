@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from actcomp.policies import NeighbourState, register_neighbour
-from actcomp.saved_hooks import mark_kept
+from actcomp.policies.base import NeighbourState, register_neighbour
+from actcomp.core.dispatch import mark_kept
 
 
 def _channel(v: Tensor, ndim: int) -> Tensor:

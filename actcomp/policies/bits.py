@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from actcomp.saved_hooks import mark_kept
+from actcomp.core.dispatch import mark_kept
 
 _WIDTHS = (1, 2, 4, 8)
 

@@ -1,7 +1,7 @@
 """The generic packer (opt-in): every other large saved float tensor kept as Tucker factors.
 
 Inside the model's forward (entered by a forward pre-hook on the root module, left by its
-forward hook), each tensor autograd saves goes through :func:`actcomp.saved_hooks.packing`:
+forward hook), each tensor autograd saves goes through :func:`actcomp.core.dispatch.packing`:
 tensors actcomp's own kernels saved (factors, masks, indices, weights), the model's parameters
 and buffers (and views of them), non-float tensors, tensors of fewer than 2 modes and tensors under ``threshold``
 bytes are kept as they are; any other is replaced by its HOSVD factors at eps when they are
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from actcomp.decompose import NonFiniteActivationError, hosvd
-from actcomp.factors import Tucker
-from actcomp.saved_hooks import mark_kept, packing
+from actcomp.linalg.decompose import NonFiniteActivationError, hosvd
+from actcomp.linalg.factors import Tucker
+from actcomp.core.dispatch import mark_kept, packing
 
 @dataclass(frozen=True)
 class PackedTensor:

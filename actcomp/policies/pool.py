@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from actcomp.policies import NeighbourState, register_neighbour
-from actcomp.saved_hooks import mark_kept
+from actcomp.policies.base import NeighbourState, register_neighbour
+from actcomp.core.dispatch import mark_kept
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from actcomp.policies import NeighbourState, register_neighbour
+from actcomp.policies.base import NeighbourState, register_neighbour
 from actcomp.policies.bits import save_codes, saved_codes
 
 SMOOTH = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh)

@@ -1,6 +1,6 @@
 import pytest
 
-from actcomp.cli import main
+from actcomp.app.cli import main
 from actcomp.devices import KINDS, list_devices, load_device
 
 EXPECTED = {

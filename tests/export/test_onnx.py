@@ -9,7 +9,7 @@ from torch import nn
 
 import actcomp
 from actcomp.export import graph_memory_plan, onnx_inference
-from actcomp.models import TinyMobileNet
+from actcomp.app.models import TinyMobileNet
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -108,7 +108,7 @@ def test_dynamic_shapes_are_refused(tmp_path):
 
 
 def test_export_command(tmp_path, capsys):
-    from actcomp.cli import main
+    from actcomp.app.cli import main
 
     assert main(["export", "--device", "stm32f746", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from actcomp.data import digits
+from actcomp.app.data import digits
 from actcomp.export import export_bundle
 from conftest import sigkill_when_blocked
 

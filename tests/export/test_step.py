@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp.data import digits
+from actcomp.app.data import digits
 from actcomp.export import export_bundle, graph_memory_plan, training_step
 from actcomp.export.step import _StepBuilder, subspace_step
 
@@ -162,7 +162,7 @@ def test_exported_conv_weight_gradient_is_the_runtime_kernels(conv):
     """The step's conv backward (convolutions only) gives the runtime kernel's dW on the same
     factors, masked columns included."""
     from actcomp.export.step import _TuckerConv2d
-    from actcomp.factors import Tucker, mode_product
+    from actcomp.linalg.factors import Tucker, mode_product
     from actcomp.kernels.conv import ConvGeometry, tucker_weight_grad
 
     conv = conv.double()
@@ -182,7 +182,7 @@ def test_exported_conv_weight_gradient_is_the_runtime_kernels(conv):
 
 def test_exported_linear_weight_gradient_is_the_runtime_kernels():
     from actcomp.export.step import _LowRankLinear
-    from actcomp.factors import LowRank
+    from actcomp.linalg.factors import LowRank
     from actcomp.kernels.linear import lowrank_weight_grad
 
     x = torch.randn(7, 6, dtype=torch.float64)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.decompose import hosvd, tracked_hosvd, truncated_svd
+from actcomp.linalg.decompose import hosvd, tracked_hosvd, truncated_svd
 from actcomp.kernels.conv import ConvGeometry, tucker_weight_grad
 from conftest import rel_err
 

@@ -1,5 +1,5 @@
 """The kernels on a CUDA device: same gradients as plain autograd, host syncs per layer as
-documented (hosvd: one per mode; asi, svd: one), and no sync at all in actcomp.syncfree's
+documented (hosvd: one per mode; asi, svd: one), and no sync at all in actcomp.linalg.syncfree's
 steady state.
 
 Skipped without CUDA (CI has none); run them where a GPU is present.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.syncfree import SyncFreeState, syncfree_hosvd, syncfree_step
+from actcomp.linalg.syncfree import SyncFreeState, syncfree_hosvd, syncfree_step
 from conftest import rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp.factors import Tucker
+from actcomp.linalg.factors import Tucker
 
 
 def test_observers_get_the_factors_and_the_output_gradient():
@@ -26,7 +26,7 @@ def test_observers_get_the_factors_and_the_output_gradient():
 
 
 def test_a_method_whose_factors_the_family_cannot_use_is_refused():
-    from actcomp.factors import PatchMeans
+    from actcomp.linalg.factors import PatchMeans
 
     layer = nn.Linear(6, 4)
     actcomp.compress(layer)

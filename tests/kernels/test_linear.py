@@ -7,7 +7,7 @@ from torch import nn
 import actcomp
 import copy
 
-from actcomp.decompose import hosvd, tracked_hosvd, truncated_svd
+from actcomp.linalg.decompose import hosvd, tracked_hosvd, truncated_svd
 from conftest import rel_err
 
 SHAPES = [(7,), (9, 7), (4, 6, 7), (3, 4, 5, 7), (40, 7)]

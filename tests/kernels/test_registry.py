@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp import kernels
+from actcomp.kernels import base as kernels
 from actcomp.kernels import is_supported, registration_for, supported_types
 from actcomp.kernels.linear import LINEAR
 from conftest import rel_err

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp.decompose import hosvd
+from actcomp.linalg.decompose import hosvd
 from actcomp.memory import measure
 from actcomp.memory.measure import LOSS_ROW, _cpu_allocation_peak
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import actcomp
 from actcomp.memory.plan import Plan, parse_bytes, plan
-from actcomp.models import TinyMobileNet
+from actcomp.app.models import TinyMobileNet
 
 LOSS = nn.functional.cross_entropy
 

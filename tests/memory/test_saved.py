@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.decompose import hosvd, truncated_svd
+from actcomp.linalg.decompose import hosvd, truncated_svd
 
 
 def smooth_input(*shape):

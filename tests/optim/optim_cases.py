@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actcomp.decompose import hosvd, truncated_svd
-from actcomp.factors import Tucker
+from actcomp.linalg.decompose import hosvd, truncated_svd
+from actcomp.linalg.factors import Tucker
 
 # (name, Conv2d kwargs, kernel 3 unless given): stride, dilation, groups, padding, padding_mode, bias
 CONV_CASES = [
@@ -63,7 +63,7 @@ def dense_rows(x: Tensor, module: nn.Module, approx: str) -> Tensor:
 
 def record_reconstructions(module: nn.Module) -> list[Tensor]:
     """Observe a compressed layer's backward: the reconstructions of its factors, in order."""
-    from actcomp.hooks import layer_state
+    from actcomp.attach import layer_state
 
     seen: list[Tensor] = []
     layer_state(module).observers.append(lambda record: seen.append(record.factors.reconstruct()))

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp.cli import main
-from actcomp.finetune import FinetuneConfig, run_finetune
+from actcomp.app.cli import main
+from actcomp.app.finetune import FinetuneConfig, run_finetune
 from actcomp.optim import HyLo
-from actcomp.optim.compare import state_bytes
+from actcomp.app.optim_compare import state_bytes
 
 
 class Interrupted(Exception):

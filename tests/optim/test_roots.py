@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from actcomp.factors import PatchMeans
+from actcomp.linalg.factors import PatchMeans
 from actcomp.kernels.conv import ConvGeometry
 from actcomp.optim.roots import kfac_root, patch_mean_matrix
 from optim_cases import CONV_CASES, PRODUCERS, dense_rows, make_conv
@@ -43,7 +43,7 @@ def test_conv2d_root(case, producer, approx):
 
 def test_root_is_thin_for_a_low_rank_input():
     """Linear, Tucker of ranks (2, 3): the root has K_B = 2 columns (+1 for the bias), not B."""
-    from actcomp.factors import Tucker
+    from actcomp.linalg.factors import Tucker
 
     tucker = Tucker(torch.randn(2, 3, dtype=DT), (torch.linalg.qr(torch.randn(50, 2, dtype=DT))[0], torch.randn(7, 3, dtype=DT)))
     z = kfac_root("linear", tucker, None, torch.Size((4, 7)), True, "expand")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp.hooks import layer_state
+from actcomp.attach import layer_state
 from optim_cases import record_reconstructions
 
 STRUCTURES = ["dense", "diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz", "triutoeplitz"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp.decompose import hosvd, truncated_svd
+from actcomp.linalg.decompose import hosvd, truncated_svd
 from actcomp.peft import merge, svd_adapt
 from conftest import rel_err
 
@@ -48,7 +48,7 @@ def reconstruction(x, method, eps):
     if method == "hosvd":
         return hosvd(x, eps).reconstruct()
     if method == "asi":  # its first step: every mode by Gram + eigh, from a fresh tracker
-        from actcomp.decompose import SubspaceTracker, tracked_hosvd
+        from actcomp.linalg.decompose import SubspaceTracker, tracked_hosvd
 
         return tracked_hosvd(x, eps, SubspaceTracker()).reconstruct()
     if x.ndim == 4:  # conv: batch-mode unfolding

@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 
 import actcomp
-from actcomp.decompose import hosvd
+from actcomp.linalg.decompose import hosvd
 from actcomp.peft import adapted_layers, householder_sequential, merge, svd_adapt
 from conftest import rel_err
 

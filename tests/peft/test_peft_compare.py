@@ -2,7 +2,7 @@
 
 import csv
 
-from actcomp.cli import main
+from actcomp.app.cli import main
 
 
 def test_compare_peft_writes_csv_and_png(tmp_path, capsys):

@@ -82,7 +82,7 @@ def test_one_tensor_saved_by_two_ops_is_packed_once():
     actcomp.compress(model, ["0"], eps=0.9, neighbours=actcomp.Neighbours(generic=True, threshold=0))
     with actcomp.count_saved(model) as saved:
         model(x)
-    from actcomp.decompose import hosvd
+    from actcomp.linalg.decompose import hosvd
 
     assert (32, 64) not in [s for s, _ in saved.shapes]  # packed
     h = (model[0](x) * 2).detach()

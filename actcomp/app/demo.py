@@ -1,0 +1,217 @@
+"""The demo: transfer a small CNN to new classes under a memory budget, offline.
+
+A TinyMobileNet is pretrained on scikit-learn's digits 0-4 (upsampled to 32x32), then its last
+N Conv/Linear layers are fine-tuned on digits 5-9 from the same starting point: with plain
+autograd, with HOSVD at a fixed eps, and with the per-layer eps that :func:`actcomp.plan`
+chooses for a memory budget. For each run the table shows what the fine-tuned layers keep,
+what autograd keeps in all (measured with saved_tensors_hooks), the peak allocation of a
+training step, test accuracy and the median time per step; a plot is written beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from actcomp.core.config import CompressionConfig
+from actcomp.app.data import digits, split
+from actcomp.attach import compress, select_layers, stats
+from actcomp.memory import format_bytes, measure
+from actcomp.memory.plan import Plan, plan
+from actcomp.app.models import TinyMobileNet
+from actcomp.memory.format import aligned_table
+from actcomp.app.torch_device import torch_device
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    method: str
+    layers: int  # layers trained
+    eps: str  # "1", "0.9", or the plan's per-layer eps
+    layer_bytes: int  # what the fine-tuned layers kept (factors, or inputs for plain)
+    saved_bytes: int  # everything autograd kept in one training step
+    peak_bytes: int | None  # allocator high-water mark of one step
+    accuracy: float
+    step_ms: float
+    peak_set_by_forward: bool | None = None  # the peak is a forward's, not what backward keeps
+
+
+@dataclass(frozen=True)
+class Task:
+    """The transfer task: a model pretrained on digits 0-4, data of digits 5-9."""
+
+    base: nn.Module
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    device: torch.device = torch.device("cpu")  # where the model and every batch are
+
+
+def _batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, device: torch.device):
+    order = torch.randperm(len(y), generator=generator)
+    for start in range(0, len(y), batch_size):
+        index = order[start : start + batch_size]
+        yield x[index].to(device), y[index].to(device)
+
+
+def train(
+    model: nn.Module, x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, seed: int, desc: str, progress: bool,
+    device: torch.device = torch.device("cpu"),
+) -> list[float]:
+    """Adam on the trainable parameters of ``model`` (already on ``device``; batches are moved
+    there); returns the time of every step in ms."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    step_ms = []
+    model.train()
+    steps = epochs * ((len(y) + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=desc, leave=False, disable=not progress) as bar:
+        for _ in range(epochs):
+            for xb, yb in _batches(x, y, batch_size, generator, device):
+                start = time.perf_counter()
+                optimizer.zero_grad()
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                value = loss.item()  # the host sync ends the step on an asynchronous device
+                step_ms.append((time.perf_counter() - start) * 1e3)
+                bar.set_postfix(loss=f"{value:.3f}")
+                bar.update()
+    return step_ms
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Fraction of ``x`` classified as ``y``, on the device of the model's parameters."""
+    device = next(model.parameters()).device
+    model.eval()
+    result = float((model(x.to(device)).argmax(1) == y.to(device)).float().mean())
+    model.train()
+    return result
+
+
+def make_task(
+    pretrain_epochs: int = 6, batch_size: int = 64, seed: int = 0, progress: bool = True, device: str | torch.device | None = None
+) -> Task:
+    """Pretrain a TinyMobileNet on digits 0-4 on the torch ``device`` (default CPU) and give it
+    a fresh head for digits 5-9."""
+    device = torch_device(device)
+    torch.manual_seed(seed)
+    source_x, source_y = digits(classes=(0, 1, 2, 3, 4))
+    train_x, train_y, test_x, test_y = split(*digits(classes=(5, 6, 7, 8, 9)), test_fraction=0.3, seed=seed)
+    base = TinyMobileNet(num_classes=5).to(device)
+    train(base, source_x, source_y, pretrain_epochs, batch_size, 3e-3, seed, "pretrain on digits 0-4", progress, device)
+    base.classifier.reset_parameters()
+    return Task(base, train_x, train_y, test_x, test_y, device)
+
+
+def last_layers(task: Task, count: int) -> list[str]:
+    return select_layers(task.base, f"last:{count}", sample=task.train_x[:1].to(task.device))
+
+
+def finetune_copy(task: Task, names: list[str], config: CompressionConfig | Plan, epochs: int, batch_size: int, seed: int, progress: bool) -> tuple[nn.Module, list[float]]:
+    """A copy of the pretrained model with only ``names`` trainable and compressed as ``config``
+    says (or as a plan says), fine-tuned on digits 5-9."""
+    model = copy.deepcopy(task.base)
+    if isinstance(config, Plan):
+        config.apply(model)
+        label = f"{config.method} plan"
+    else:
+        model.requires_grad_(False)
+        modules = dict(model.named_modules())
+        for name in names:
+            modules[name].requires_grad_(True)
+        compress(model, names, config=config)
+        label = config.method
+    step_ms = train(model, task.train_x, task.train_y, epochs, batch_size, 3e-3, seed, f"fine-tune 5-9 ({label})", progress, task.device)
+    return model, step_ms
+
+
+def run_demo(
+    layers: int = 4,
+    eps: float = 0.9,
+    budget: str = "2.5MiB",
+    pretrain_epochs: int = 6,
+    finetune_epochs: int = 6,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    whole_step: bool = True,
+    every_eps: float = 0.95,
+) -> tuple[list[DemoRow], Plan]:
+    """Pretrain on digits 0-4, fine-tune the last ``layers`` layers on 5-9: plain, HOSVD at
+    ``eps``, and HOSVD with the eps per layer that :func:`plan` picks for ``budget`` (bytes
+    autograd keeps in a step); with ``whole_step``, also every layer, plain and HOSVD at
+    ``every_eps`` (the neighbours keep masks, indices and BatchNorm factors; gradient errors
+    add up over every layer, so this run needs a higher eps than the last few layers do: at
+    0.9 the fine-tuning collapses on this task). All on the torch ``device``
+    (default CPU; the peak is then the device allocator's). Everything is seeded. Returns the
+    rows and the plan."""
+    task = make_task(pretrain_epochs, batch_size, seed, progress, device)
+    names = last_layers(task, layers)
+    calib = [(task.train_x[:batch_size].to(task.device), task.train_y[:batch_size].to(task.device))]
+    chosen = plan(task.base, calib, budget=budget, candidates=names, loss_fn=nn.functional.cross_entropy)
+    every = select_layers(task.base, "all")
+    runs = [
+        ("none", names, CompressionConfig("none"), "1"),
+        ("hosvd", names, CompressionConfig("hosvd", eps), f"{eps:g}"),
+        (f"hosvd, plan for {budget}", names, chosen, "/".join(f"{c.eps:g}" if c.train else "-" for c in chosen.choices)),
+    ]
+    if whole_step:  # every layer trained: the neighbours' policies and the peak move too
+        runs += [
+            ("none, every layer", every, CompressionConfig("none"), "1"),
+            ("hosvd, every layer", every, CompressionConfig("hosvd", every_eps), f"{every_eps:g}"),
+        ]
+    rows = []
+    for method, run_names, config, eps_text in runs:
+        model, step_ms = finetune_copy(task, run_names, config, finetune_epochs, batch_size, seed, progress)
+        report = measure(model, *calib[0], nn.functional.cross_entropy, vanilla=False)
+        trained = sum(1 for m in dict(model.named_modules()).values() if any(p.requires_grad for p in m.parameters(recurse=False)))
+        rows.append(
+            DemoRow(
+                method=method,
+                layers=trained,
+                eps=eps_text,
+                layer_bytes=sum(s.kept_bytes for s in stats(model).values()),
+                saved_bytes=report.saved_bytes,
+                peak_bytes=report.peak_bytes,
+                accuracy=accuracy(model, task.test_x, task.test_y),
+                step_ms=statistics.median(step_ms),
+                peak_set_by_forward=report.peak_set_by_forward,
+            )
+        )
+    return rows, chosen
+
+
+def format_table(rows: list[DemoRow]) -> str:
+    """The demo's rows as an aligned text table."""
+    header = ("method", "layers", "eps", "kept by layers", "kept by autograd", "peak", "accuracy", "ms/step")
+    lines = [
+        (
+            r.method, str(r.layers), r.eps, format_bytes(r.layer_bytes), format_bytes(r.saved_bytes),
+            format_bytes(r.peak_bytes) if r.peak_bytes is not None else "n/a", f"{100 * r.accuracy:.1f}%", f"{r.step_ms:.1f}",
+        )
+        for r in rows
+    ]
+    text = aligned_table(header, lines)
+    forward_set = [r.method for r in rows if r.peak_set_by_forward]
+    if forward_set:
+        text += (
+            f"\nnote: the peak of {', '.join(forward_set)} is set by the forward (a forward without gradients "
+            "reaches it: activations of frozen layers, each layer's output before the next): compressing more "
+            "will not lower it, a smaller batch will"
+        )
+    return text
+
+
+def rows_as_dicts(rows: list[DemoRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,425 @@
+"""Fine-tuning runs: model and data by name, layer choice or a plan under a budget, metrics,
+checkpoints and exact resume. The engine behind ``actcomp finetune``, ``measure`` and ``plan``.
+
+Nothing a run wrote is lost: an existing run directory is refused unless the run resumes it or
+is told to overwrite it, every file is replaced atomically (temp + fsync + rename, see
+:mod:`actcomp.core.files`), and checkpoints hold plain data only (tensors, numbers, strings), loaded
+with ``weights_only=True``, so a crafted checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from actcomp.core.config import CompressionConfig
+from actcomp.app.data import digits, image_folder, split
+from actcomp.app.files import check_output_dir
+from actcomp.core.files import atomic_torch_save, atomic_write_text, load_plain, temporary_path
+from actcomp.attach import compress, layer_state, select_layers, stats
+from actcomp.memory import count_saved
+from actcomp.memory.plan import Plan, parse_bytes, plan
+from actcomp.app.models import TinyMobileNet
+from actcomp.app.torch_device import torch_device
+
+BUILTIN_MODELS = ("tiny_mobilenet",)
+OPTIMIZERS = ("sgd", "momentum", "adam", "singd", "hylo")
+RUN_FILES = ("config.json", "plan.json", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt")
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "layers", "metrics", "epoch")
+
+
+def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A built-in model (``tiny_mobilenet``) or a torchvision classification model by name,
+    with random weights (nothing is downloaded); grey inputs are repeated to 3 channels for
+    torchvision models."""
+    if name == "tiny_mobilenet":
+        return TinyMobileNet(num_classes=num_classes, in_channels=in_channels)
+    try:
+        import torchvision
+    except ImportError:  # pragma: no cover - the [vision] extra is missing
+        raise ValueError(f"model {name!r} needs torchvision (pip install 'actcomp[vision]')") from None
+    available = set(torchvision.models.list_models(module=torchvision.models))
+    if name not in available:
+        raise ValueError(f"unknown model {name!r}; built-in: {', '.join(BUILTIN_MODELS)}; or a torchvision classifier such as mobilenet_v2, resnet18")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels == 1:
+        return nn.Sequential(_Repeat3(), model)
+    return model
+
+
+class _Repeat3(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.expand(-1, 3, -1, -1)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+
+def load_data(data: str, size: int = 32, seed: int = 0) -> Dataset:
+    """``"digits"``: scikit-learn's digits 5-9 (the new task after pretraining on 0-4), or the
+    path of an ImageFolder directory (one sub-directory per class), resized to size x size;
+    70/30 seeded train/test split."""
+    if data == "digits":
+        images, labels = digits(classes=(5, 6, 7, 8, 9), size=size)
+        return Dataset(*split(images, labels, 0.3, seed), num_classes=5)
+    images, labels, classes = image_folder(data, size)
+    return Dataset(*split(images, labels, 0.3, seed), num_classes=len(classes))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a run depends on; stored in the output directory as config.json."""
+
+    model: str = "tiny_mobilenet"
+    data: str = "digits"
+    size: int = 32
+    layers: str = "last:4"  # "last:N", "all", "re:...", or comma-separated names
+    method: str = "hosvd"
+    eps: float = 0.8
+    patch: int = 4
+    budget: str | None = None
+    target: str | None = None  # a device profile (actcomp.devices): plan for its budget
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 3e-3
+    optimizer: str = "adam"
+    seed: int = 0
+    weights: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that cannot work (before any work is done)."""
+        CompressionConfig(self.method, self.eps, self.patch)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "singd":
+            try:
+                from actcomp.optim import SINGD  # noqa: F401
+            except ImportError as error:
+                raise ValueError(str(error)) from None
+        for name in ("epochs", "batch_size", "size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.budget is not None and self.target is not None:
+            raise ValueError("give a budget or a target device profile, not both")
+        if self.budget is not None:
+            parse_budget(self.budget)
+        selector(self.layers)
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ValueError(f"weights file '{self.weights}' does not exist")
+
+    @staticmethod
+    def from_dict(data: object, where: str = "config") -> "FinetuneConfig":
+        """The config stored in a run directory's config.json. Runs written before the profile
+        option was renamed store it as ``device``; that key is read as ``target``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} does not hold a JSON object")
+        data = dict(data)
+        if "device" in data and "target" not in data:
+            data["target"] = data.pop("device")
+        known = {f.name for f in fields(FinetuneConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}")
+        return FinetuneConfig(**data)
+
+
+def parse_budget(budget: int | float | str) -> int:
+    """:func:`actcomp.memory.plan.parse_bytes`, with a budget too large for an integer number
+    of bytes (``1e400``) a ValueError instead of an OverflowError."""
+    try:
+        return parse_bytes(budget)
+    except OverflowError:
+        shown = repr(budget) if len(str(budget)) <= 40 else f"'{str(budget)[:20]}...' ({len(str(budget))} characters)"
+        raise ValueError(f"budget {shown} is too large to be a number of bytes") from None
+
+
+def selector(layers: str) -> str | list[str]:
+    """``--layers`` as :func:`actcomp.compress` takes it: ``"all"``, ``"last:N"``,
+    ``"re:<pattern>"`` (the pattern checked to compile) or a list from comma-separated names."""
+    if layers.startswith("re:"):
+        try:
+            re.compile(layers[3:])
+        except re.error as error:
+            raise ValueError(f"layers {layers!r}: invalid regular expression ({error})") from None
+        return layers
+    if layers == "all" or layers.startswith("last:"):
+        return layers
+    return [name.strip() for name in layers.split(",") if name.strip()]
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state_dict saved with ``torch.save(model.state_dict(), path)`` into ``model``.
+
+    The file is read with ``weights_only=True`` (nothing in it runs). Raises ValueError naming
+    the file when it is not a torch.save file, does not hold a state_dict (a mapping from names
+    to tensors), or does not fit the model (missing or unexpected names, other shapes).
+    """
+    state = load_plain(path, "weights file")
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        kind = type(state).__name__
+        raise ValueError(
+            f"weights file '{path}' holds a {kind}, not a state_dict (names to tensors); "
+            "save one with torch.save(model.state_dict(), path)"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    problems = [
+        f"{label} {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("other shapes:", reshaped))
+        if items
+    ]
+    if problems:
+        raise ValueError(f"weights file '{path}' does not fit model {type(model).__name__}: {'; '.join(problems)}")
+    model.load_state_dict(state)
+    return model
+
+
+def _optimizer(name: str, params: list[nn.Parameter], lr: float, model: nn.Module) -> torch.optim.Optimizer:
+    if name in ("singd", "hylo"):  # second-order, statistics from the stored factors
+        from actcomp.app.optim_compare import make_optimizer
+
+        return make_optimizer(name, model, lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
+
+
+def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | None = None) -> tuple[nn.Module, Plan | None]:
+    """Build the model on the torch ``device`` (default CPU), freeze all but the chosen layers
+    and compress them (or apply a plan for the budget or target profile, calibrated there)."""
+    config.validate()
+    device = torch_device(device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.num_classes, data.in_channels)
+    if config.weights:
+        load_weights(model, config.weights)
+    model.to(device)
+    sample = data.train_x[:1].to(device)
+    model(sample)  # materialise lazy modules
+    names = select_layers(model, selector(config.layers), sample=sample)
+    chosen: Plan | None = None
+    if config.budget is not None or config.target is not None:
+        calib = [(data.train_x[: config.batch_size].to(device), data.train_y[: config.batch_size].to(device))]
+        chosen = plan(
+            model, calib, budget=config.budget, device=config.target, candidates=names,
+            method=config.method, loss_fn=nn.functional.cross_entropy,
+        )
+        chosen.apply(model)
+        return model, chosen
+    model.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].requires_grad_(True)
+    compress(model, names, config=CompressionConfig(config.method, config.eps, config.patch))
+    return model, None
+
+
+def _layer_states(model: nn.Module) -> dict[str, dict]:
+    """Every compressed layer's state as plain data (settings and asi's tracked subspaces)."""
+    return {n: s.state_dict() for n, m in model.named_modules() if (s := layer_state(m)) is not None}
+
+
+def _restore_layers(model: nn.Module, layers: object, where: Path) -> None:
+    """Put back every compressed layer's state (settings, asi's subspaces) from a checkpoint's
+    ``layers`` (plain data: see :meth:`actcomp.LayerState.state_dict`)."""
+    modules = dict(model.named_modules())
+    if not isinstance(layers, dict):
+        raise ValueError(f"checkpoint '{where}': 'layers' is not a mapping")
+    for name, data in layers.items():
+        state = layer_state(modules[name]) if name in modules else None
+        if state is None or not isinstance(data, dict):
+            raise ValueError(f"checkpoint '{where}': the state of layer {name!r} does not fit this run")
+        try:
+            state.load_state_dict(data)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"checkpoint '{where}': the state of layer {name!r} does not fit this run ({error})") from None
+
+
+def _evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+            correct += int((model(xb).argmax(1) == yb).sum())
+    model.train()
+    return correct / max(1, len(y))
+
+
+def _stored_config(out: Path) -> FinetuneConfig:
+    path = out / "config.json"
+    try:
+        return FinetuneConfig.from_dict(json.loads(path.read_text()), f"'{path}'")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"cannot resume: '{path}' is missing or unreadable ({type(error).__name__}: {error})") from None
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint written by :func:`run_finetune`, loaded with ``weights_only=True`` onto
+    ``device``; ValueError when it is refused, damaged or lacks one of its parts."""
+    state = load_plain(path, "checkpoint", map_location=device)
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        raise ValueError(f"checkpoint '{path}' is not an actcomp finetune checkpoint (missing {', '.join(missing)})")
+    if not (isinstance(state["epoch"], int) and isinstance(state["metrics"], list) and isinstance(state["rng"], Tensor)):
+        raise ValueError(f"checkpoint '{path}' is not an actcomp finetune checkpoint (epoch, metrics or rng of the wrong type)")
+    return state
+
+
+def _existing_run(out: Path) -> list[str]:
+    return [name for name in (*RUN_FILES, temporary_path("checkpoint.pt").name) if (out / name).exists()]
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    after_epoch: Callable[[int], None] | None = None,
+    *,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+) -> list[dict]:
+    """Fine-tune as ``config`` says on the torch ``device`` (default CPU), writing to
+    ``out_dir``: config.json, plan.json (with a budget or target), metrics.csv and metrics.json
+    (one row per epoch), checkpoint.pt (after every epoch: model, optimizer, RNG and
+    subspace-tracker state, as plain data) and model.pt (final weights, on the CPU).
+
+    ``resume=True`` continues from checkpoint.pt with no loss of progress: batches are drawn
+    from a generator seeded by (seed, epoch) and every piece of state is restored, so the final
+    weights equal those of an uninterrupted run with the same seed on the same device. A
+    directory that already holds a run is refused unless ``resume`` or ``overwrite`` (which
+    deletes that run's files once the new run is ready to start) is given. The settings and the
+    output directory are checked before any training. Every file is replaced atomically.
+    ``after_epoch`` is called with the epoch number after each checkpoint (tests use it to
+    interrupt a run).
+    """
+    device = torch_device(device)
+    config.validate()
+    if resume and overwrite:
+        raise ValueError("give --resume or --overwrite, not both")
+    out = check_output_dir(out_dir)
+    checkpoint_path = out / "checkpoint.pt"
+    existing = _existing_run(out)
+    checkpoint: dict | None = None
+    if resume:
+        if not checkpoint_path.exists():
+            raise ValueError(f"nothing to resume: '{checkpoint_path}' does not exist")
+        stored = _stored_config(out)
+        if asdict(stored) != asdict(config):
+            changed = [f.name for f in fields(config) if getattr(config, f.name) != getattr(stored, f.name)]
+            if changed != ["epochs"]:
+                raise ValueError(f"cannot resume with different settings: {', '.join(changed)} differ from {out / 'config.json'}")
+        checkpoint = load_checkpoint(checkpoint_path, device)
+    elif existing and not overwrite:
+        raise ValueError(
+            f"'{out}' already holds a run ({', '.join(existing)}); give --resume to continue it, "
+            "--overwrite to replace it, or another --out"
+        )
+    data = load_data(config.data, config.size, config.seed)
+    model, chosen = prepare(config, data, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(config.optimizer, params, config.lr, model)
+    metrics: list[dict] = []
+    start_epoch = 0
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            torch.set_rng_state(checkpoint["rng"].cpu())
+            if device.type == "cuda" and "cuda_rng" in checkpoint:
+                torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu(), device)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"checkpoint '{checkpoint_path}' does not fit this run ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})") from None
+        _restore_layers(model, checkpoint["layers"], checkpoint_path)
+        metrics, start_epoch = list(checkpoint["metrics"]), int(checkpoint["epoch"])
+    else:
+        for name in existing:  # only with overwrite=True: the old run goes once the new one is ready
+            (out / name).unlink()
+        atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2))
+        if chosen is not None:
+            atomic_write_text(out / "plan.json", chosen.to_json())
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    n = len(data.train_y)
+    for epoch in range(start_epoch, config.epochs):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=generator)
+        losses, step_ms, saved_bytes = [], [], 0
+        batches = range(0, n, config.batch_size)
+        for i, start in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress)):
+            index = order[start : start + config.batch_size]
+            xb, yb = data.train_x[index].to(device), data.train_y[index].to(device)
+            begin = time.perf_counter()
+            optimizer.zero_grad()
+            if i == 0:  # measure what autograd keeps on the epoch's first step
+                with count_saved(model) as saved:
+                    loss = loss_fn(model(xb), yb)
+                saved_bytes = saved.saved_bytes
+            else:
+                loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())  # the host sync ends the step on an asynchronous device
+            step_ms.append((time.perf_counter() - begin) * 1e3)
+        layer_bytes = sum(s.kept_bytes for s in stats(model).values())
+        metrics.append({
+            "epoch": epoch + 1,
+            "train_loss": statistics.fmean(losses),
+            "test_accuracy": _evaluate(model, data.test_x, data.test_y, config.batch_size, device),
+            "step_ms": statistics.median(step_ms),
+            "saved_bytes": saved_bytes,
+            "layer_bytes": layer_bytes,
+        })
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "layers": _layer_states(model), "metrics": metrics, "epoch": epoch + 1,
+        }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        atomic_torch_save(state, checkpoint_path)  # a kill leaves the previous checkpoint whole
+        _write_metrics(out, metrics)
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+    _write_metrics(out, metrics)
+    if hasattr(optimizer, "remove_hooks"):  # SINGD, HyLo: detach their hooks from the model
+        optimizer.remove_hooks()
+    return metrics
+
+
+def _write_metrics(out: Path, metrics: list[dict]) -> None:
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    if metrics:
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(metrics[0]))
+        writer.writeheader()
+        writer.writerows(metrics)
+        atomic_write_text(out / "metrics.csv", table.getvalue())

@@ -1,0 +1,215 @@
+"""Which layers of a model to compress: the ``layers=`` argument of :func:`actcomp.compress`."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from actcomp.kernels import base_type, is_supported, supported_types
+from actcomp.core.state import KernelNotRunWarning
+
+LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool]
+
+
+def describe(name: str, module: nn.Module) -> str:
+    return f"layer '{name}' ({base_type(module).__name__})"
+
+
+def _unsupported(name: str, module: nn.Module) -> ValueError:
+    return ValueError(
+        f"{describe(name, module)} has no compressed kernel; supported: {', '.join(supported_types())}"
+    )
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What one forward on a sample showed about a model.
+
+    ``order``: module names in the order of their first call. ``readers``: supported layers
+    whose own forward was never called while a torch function received their weight inside
+    another module's forward (``name -> (reader module name, function name)``): the parent
+    computes with ``layer.weight`` itself (swin's attention calls ``F.linear(x, qkv.weight)``,
+    ``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional form), so the
+    layer's compressed kernel can never run.
+    """
+
+    order: list[str]
+    readers: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def reason(self, name: str, modules: dict[str, nn.Module]) -> str:
+        """Why layer ``name`` (one of ``readers``) cannot be compressed, in words."""
+        reader, function = self.readers[name]
+        where = f"the forward of '{reader}'" if reader else "the model's own forward"
+        return (
+            f"{describe(name, modules[name])}: its own forward is never called, {where} "
+            f"({base_type(modules[reader]).__name__}) uses its parameters itself (first in {function})"
+        )
+
+
+def _function_name(module: str, name: str) -> str:
+    """A torch function's public name: ``torch.nn.functional.linear``, ``torch.addmm``."""
+    if module.startswith("torch._C._nn"):
+        return f"torch.nn.functional.{name}"
+    if not module or module.startswith("torch._C"):
+        return f"torch.{name}"
+    return f"{module}.{name}"
+
+
+class _WeightReads(TorchFunctionMode):
+    """Records, for each torch function call, the supported layers whose parameters it
+    receives while their own forward is not running."""
+
+    def __init__(self, owners: dict[int, str], stack: list[str]) -> None:
+        super().__init__()
+        self.owners, self.stack = owners, stack
+        self.reads: dict[str, tuple[str, str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name != "__get__":  # attribute reads (t.dtype, t.shape) compute nothing
+            for leaf in pytree.tree_leaves((args, kwargs)):
+                owner = self.owners.get(id(leaf)) if isinstance(leaf, Tensor) else None
+                if owner is not None and owner not in self.stack and owner not in self.reads:
+                    module = getattr(func, "__module__", None) or ""
+                    qualified = _function_name(module, name)
+                    self.reads[owner] = (self.stack[-1] if self.stack else "", qualified)
+        return func(*args, **kwargs)
+
+
+def trace(model: nn.Module, sample: object) -> Trace:
+    """One forward of ``model`` on ``sample``: the modules' call order and the supported layers
+    whose weight another module's forward uses while their own forward never runs.
+
+    The forward runs in eval mode under no_grad (running statistics are not touched) and the
+    model's train/eval flags are put back afterwards. ``sample`` is a tensor, or a tuple of
+    positional arguments. Weight reads are seen through a ``TorchFunctionMode``: a torch
+    function that receives a layer's parameter while that layer's forward is not on the call
+    stack reads it from outside.
+    """
+    order: list[str] = []
+    seen: set[str] = set()
+    stack: list[str] = []
+    named = dict(model.named_modules())
+    names = {id(m): n for n, m in named.items()}
+    owners = {id(p): n for n, m in named.items() if is_supported(type(m)) for p in m.parameters(recurse=False)}
+
+    def enter(module: nn.Module, _inputs: object) -> None:
+        name = names[id(module)]
+        stack.append(name)
+        if name not in seen:
+            seen.add(name)
+            order.append(name)
+
+    def leave(module: nn.Module, _inputs: object, _output: object) -> None:
+        stack.pop()
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    handles += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
+    reads = _WeightReads(owners, stack)
+    try:
+        model.eval()
+        with torch.no_grad(), reads:
+            model(*sample) if isinstance(sample, tuple) else model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    readers = {n: reads.reads[n] for n in named if n in reads.reads and n not in seen}
+    return Trace(order, readers)
+
+
+def execution_order(model: nn.Module, sample: object) -> list[str]:
+    """Names of the modules in the order of their first call in one forward on ``sample``
+    (see :func:`trace`)."""
+    return trace(model, sample).order
+
+
+def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None, *, traced: Trace | None = None) -> list[str]:
+    """Resolve a layer selection to qualified module names, each with a compressed kernel.
+
+    ``"all"``: every module whose type has a kernel. ``"last:N"``: the last N of those in
+    execution order when ``sample`` is given (modules the sample's forward never calls are left
+    out), else in module registration order. ``"re:<pattern>"``: those whose qualified name
+    matches the pattern (``re.search``). A callable ``(name, module) -> bool``: those it
+    accepts. A list of names: exactly those, each of which must exist and have a kernel.
+    The automatic selections only ever pick supported layers; an explicit name that is unknown
+    or has no kernel, or a selection that picks nothing, raises ValueError.
+
+    With ``sample`` (or its ``traced`` forward), layers whose weight another module's forward
+    uses while their own forward never runs (:class:`Trace` ``readers``) are left out of the
+    automatic selections with a :class:`~actcomp.core.state.KernelNotRunWarning` naming them, and
+    raise ValueError when listed by name: their compressed kernel could never run.
+    """
+    if traced is None and sample is not None:
+        traced = trace(model, sample)
+    modules = dict(model.named_modules())
+    supported = [n for n, m in modules.items() if is_supported(type(m))]
+    blocked = traced.readers if traced is not None else {}
+    if blocked and not isinstance(layers, (list, tuple)):
+        left_out = [n for n in supported if n in blocked]
+        supported = [n for n in supported if n not in blocked]
+        if left_out and not (isinstance(layers, str) and layers.startswith("last:")):
+            warnings.warn(
+                f"layers={layers if isinstance(layers, str) else 'callable'!r} leaves out {len(left_out)} layer(s) whose "
+                f"compressed kernel cannot run: {'; '.join(traced.reason(n, modules) for n in left_out)}. "
+                "Their parent's ops keep what they need (Neighbours(generic=True) packs it)",
+                KernelNotRunWarning,
+                stacklevel=3,
+            )
+
+    if isinstance(layers, str):
+        if layers == "all":
+            chosen = supported
+        elif layers.startswith("last:"):
+            count_text = layers[len("last:") :]
+            if not count_text.isdigit() or int(count_text) < 1:
+                raise ValueError(f"layers='last:N' needs a whole number N >= 1, got {layers!r}")
+            count = int(count_text)
+            order = traced.order if traced is not None else list(modules)
+            candidates = set(supported)
+            ordered = [n for n in order if n in candidates]
+            if count > len(ordered):
+                raise ValueError(
+                    f"layers={layers!r} asks for {count} layers but the model has {len(ordered)} "
+                    f"with a compressed kernel ({', '.join(supported_types())})"
+                )
+            chosen = ordered[-count:]
+        elif layers.startswith("re:"):
+            pattern = re.compile(layers[len("re:") :])
+            chosen = [n for n in supported if pattern.search(n)]
+        else:
+            raise ValueError(
+                f"layers={layers!r} is not understood: use 'all', 'last:N', 're:<pattern>', "
+                "a list of module names or a callable(name, module) -> bool"
+            )
+    elif callable(layers):
+        chosen = [n for n in supported if layers(n, modules[n])]
+    else:
+        chosen = []
+        for name in layers:
+            if name not in modules:
+                close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"model has no layer named {name!r}{hint}")
+            if not is_supported(type(modules[name])):
+                raise _unsupported(name, modules[name])
+            if name in blocked:
+                raise ValueError(f"{traced.reason(name, modules)}, so its compressed kernel cannot run; leave it out (layers='all' does)")
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(
+            f"layers={layers!r} selects no layer with a compressed kernel "
+            f"(supported: {', '.join(supported_types())})"
+        )
+    return list(dict.fromkeys(chosen))

@@ -1,6 +1,0 @@
-"""Attaching compression to a model (class swap), choosing the layers, the per-layer state."""
-
-from actcomp.hooks.select import execution_order, select_layers
-from actcomp.hooks.swap import compress, compressed_layers, layer_state, restore, stats, suspended
-
-__all__ = ["compress", "compressed_layers", "execution_order", "layer_state", "restore", "select_layers", "stats", "suspended"]

@@ -1,0 +1,125 @@
+"""What the compressed layers' neighbours keep: one policy per saved tensor of the step.
+
+Compressing a layer frees only its own input; BatchNorm, activations, pooling and dropout keep
+their own tensors, often the very activation the next layer compressed. :func:`actcomp.compress`
+therefore also swaps these modules (same class-swap as compressed layers: objects, parameters,
+state_dict keys and isinstance checks unchanged) for versions whose autograd Functions keep:
+
+* ``bits``: ReLU, ReLU6, LeakyReLU, Hardtanh keep a 1-bit mask of where the input was inside
+  their linear piece; Dropout its mask as bits. Exact.
+* ``indices``: MaxPool keeps the argmax within each window in the smallest integer type
+  (uint8 up to 256 window positions). Exact.
+* ``nothing``: AvgPool / AdaptiveAvgPool (the backward needs only the shape); BatchNorm on
+  running statistics (eval mode) with frozen weight. Exact.
+* ``factors``: BatchNorm that uses batch statistics (train mode), or whose weight trains, keeps
+  Tucker factors of its normalised input x_hat at eps (approximate; eps = 1 is exact); opt out
+  with ``Neighbours(batchnorm="keep")``.
+* ``bits<k>``: GELU, SiLU, Hardswish, Sigmoid, Tanh keep a k-bit code of their input's bucket and
+  use a piecewise-constant derivative (approximate, explicit opt-in
+  ``Neighbours(activations="bits4")``); by default they are left exact (plain autograd keeps
+  their input or output).
+* ``packed``: with ``Neighbours(generic=True)``, every other saved float tensor of at least
+  ``threshold`` bytes inside the model's forward (attention products, softmax, LayerNorm,
+  functional ops) is kept as Tucker factors at eps and rebuilt transiently during backward
+  (:mod:`actcomp.policies.generic`).
+
+Approximate policies apply only after the first compressed layer (execution order when
+``compress`` is given ``sample=``, else module order); everywhere else the exact ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from torch import Tensor, nn
+
+from actcomp.core.config import CompressionConfig
+from actcomp.linalg.decompose import check_eps
+from actcomp.methods import InputLayout, method_class
+from actcomp.core.state import LayerState
+
+ACTIVATION_POLICIES = ("exact", "bits1", "bits2", "bits4", "bits8")
+BATCHNORM_POLICIES = ("factors", "input", "keep")
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """How :func:`actcomp.compress` handles what the compressed layers' neighbours keep.
+
+    ``activations``: smooth activations (GELU, SiLU, Hardswish, Sigmoid, Tanh): ``"exact"``
+    (default: plain autograd) or ``"bits1"``/``"bits2"``/``"bits4"``/``"bits8"`` (a k-bit
+    piecewise-constant derivative). ``batchnorm``: a BatchNorm whose statistics or weight
+    train keeps ``"factors"`` of its normalised input (default), factors of its input
+    (``"input"``: usually fewer bytes at the same eps) or its input itself (``"keep"``).
+    ``generic``: pack every other large saved tensor as factors (opt-in). ``threshold``:
+    bytes below which the generic packer keeps a tensor as it is. ``eps``: the eps of the
+    approximate policies (None: the eps given to compress). ReLU-family masks, pooling
+    indices, dropout bits and frozen eval-mode BatchNorm are exact and always on.
+    """
+
+    activations: str = "exact"
+    batchnorm: str = "factors"
+    generic: bool = False
+    threshold: int = 65536
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATION_POLICIES:
+            raise ValueError(f"activations must be one of {', '.join(map(repr, ACTIVATION_POLICIES))}, got {self.activations!r}")
+        if self.batchnorm not in BATCHNORM_POLICIES:
+            raise ValueError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_POLICIES))}, got {self.batchnorm!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 0:
+            raise ValueError(f"threshold must be a whole number of bytes >= 0, got {self.threshold!r}")
+        if self.eps is not None:
+            object.__setattr__(self, "eps", check_eps(self.eps))
+
+
+Handler = Callable[[nn.Module, Tensor, "NeighbourState"], "Tensor | None"]
+_HANDLERS: dict[type[nn.Module], Handler] = {}
+
+
+def register_neighbour(*module_types: type[nn.Module]) -> Callable[[Handler], Handler]:
+    """Decorator: ``handler(module, x, state) -> y`` runs these module types in a training
+    step, keeping what its policy says; returning None runs the plain forward instead."""
+
+    def decorate(handler: Handler) -> Handler:
+        for t in module_types:
+            _HANDLERS[t] = handler
+        return handler
+
+    return decorate
+
+
+def neighbour_handler(module_type: type[nn.Module]) -> Handler | None:
+    return _HANDLERS.get(module_type)
+
+
+@dataclass
+class NeighbourState(LayerState):
+    """The state of a neighbour module: its :class:`Neighbours` settings, whether approximate
+    policies may apply to it (it runs after the first compressed layer), and the method used
+    for its factors (``config``: hosvd at eps, unless compress's method tunes eps)."""
+
+    neighbours: Neighbours = field(default_factory=Neighbours)
+    approximate: bool = False
+    kind: ClassVar[str] = "neighbour"
+
+    def keep(self, policy: str, x: Tensor, kept_bytes: int) -> None:
+        """Record what this call kept, under ``policy`` (shown as the stats' method)."""
+        self.record(x, (), kept_bytes, method=policy)
+
+    def factor(self, x: Tensor) -> Any:
+        """Factors of x (batch mode first) by this state's method; stats recorded as
+        ``factors``."""
+        factors = self.compress(x, InputLayout(sample_modes=1))
+        self.record(x, self.compressor.ranks(factors), factors.nbytes, method="factors")
+        self.runs -= 1  # compress() recorded this call already
+        return factors
+
+
+def factor_config(config: CompressionConfig, neighbours: Neighbours) -> CompressionConfig:
+    """The settings of a neighbour's factors: compress's method when it tunes eps, else hosvd;
+    the neighbours' eps when set, else compress's."""
+    method = config.method if method_class(config.method).knob == "eps" else "hosvd"
+    return CompressionConfig(method, neighbours.eps if neighbours.eps is not None else config.eps)

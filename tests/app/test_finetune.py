@@ -1,0 +1,250 @@
+"""actcomp finetune: outputs, and --resume after an interruption gives the same final weights."""
+
+import errno
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from actcomp.app.cli import main
+from actcomp.app.finetune import FinetuneConfig, load_checkpoint, run_finetune
+from conftest import sigkill_when_blocked
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(epoch):
+    def hook(done):
+        if done == epoch:
+            raise Interrupted
+
+    return hook
+
+
+@pytest.mark.parametrize("method", ["hosvd", "asi"])
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, method):
+    config = FinetuneConfig(method=method, epochs=2, batch_size=64, layers="last:3", optimizer="momentum", lr=0.02)
+    run_finetune(config, tmp_path / "straight", progress=False)
+    with pytest.raises(Interrupted):
+        run_finetune(config, tmp_path / "broken", progress=False, after_epoch=interrupt_after(1))
+    assert not (tmp_path / "broken" / "model.pt").exists()
+    metrics = run_finetune(config, tmp_path / "broken", resume=True, progress=False)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "broken" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "straight" / "metrics.json").read_text())[1]["train_loss"] == metrics[1]["train_loss"]
+
+
+def test_outputs_and_budget_plan(tmp_path):
+    out = tmp_path / "run"
+    argv = ["finetune", "--epochs", "1", "--batch-size", "64", "--budget", "1MiB", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    for name in ("config.json", "plan.json", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt"):
+        assert (out / name).exists(), name
+    row = json.loads((out / "metrics.json").read_text())[0]
+    assert row["saved_bytes"] <= 2**20 and 0 <= row["test_accuracy"] <= 1
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,train_loss,test_accuracy")
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    run_finetune(FinetuneConfig(epochs=1, batch_size=128, layers="last:1"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="cannot resume with different settings: eps"):
+        run_finetune(FinetuneConfig(epochs=2, batch_size=128, layers="last:1", eps=0.5), tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        run_finetune(FinetuneConfig(), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_imagefolder_data(tmp_path):
+    """An ImageFolder directory (one sub-directory per class) trains like the bundled digits."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for c, name in enumerate(("cats", "dogs", "owls")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = (torch.rand(12, 12, 3, generator=rng) * 80 + 80 * c).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    argv = [
+        "finetune", "--data", str(tmp_path / "images"), "--size", "16", "--epochs", "2", "--batch-size", "4",
+        "--layers", "last:2", "--out", str(tmp_path / "run"), "--no-progress",
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics) == 2 and metrics[-1]["saved_bytes"] > 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"] == str(tmp_path / "images")
+
+
+# --- Reliability: nothing a run wrote is lost, nothing in a run directory runs code. ---
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK_RUN = FinetuneConfig(method="asi", epochs=2, batch_size=128, layers="last:2", optimizer="momentum", lr=0.02)
+
+
+class MakesMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def quick_argv(out, *extra):
+    c = QUICK_RUN
+    return [
+        "finetune", "--method", c.method, "--epochs", str(c.epochs), "--batch-size", str(c.batch_size), "--layers", c.layers,
+        "--optimizer", c.optimizer, "--lr", str(c.lr), "--out", str(out), "--no-progress", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    torch.manual_seed(0)
+    run_finetune(QUICK_RUN, out, progress=False)
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+# The child blocks inside the atomic write of epoch 2's checkpoint (half of the bytes written, or
+# all written and being flushed) and says so; the parent then SIGKILLs it.
+KILLED_CHILD = """
+import os, sys, time
+from actcomp.app.cli import main
+where, target = sys.argv[1], sys.argv[2]
+paths, opened = {}, []
+real_open, real_write, real_fsync = os.open, os.write, os.fsync
+def tracked_open(path, flags, *args, **kwargs):
+    fd = real_open(path, flags, *args, **kwargs)
+    paths[fd] = str(path)
+    if str(path).endswith(target):
+        opened.append(fd)
+    return fd
+def block(fd, data=b""):
+    if paths.get(fd, "").endswith(target) and len(opened) == 2:
+        if data:
+            real_write(fd, bytes(data[: len(data) // 2]))
+        print("BLOCKED", flush=True)
+        time.sleep(600)
+def write(fd, data):
+    if where == "write":
+        block(fd, data)
+    return real_write(fd, data)
+def fsync(fd):
+    if where == "fsync":
+        block(fd)
+    return real_fsync(fd)
+os.open, os.write, os.fsync = tracked_open, write, fsync
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_until_blocked(args, where, target):
+    sigkill_when_blocked([sys.executable, "-c", KILLED_CHILD, where, target, *args], ROOT)
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_sigkill_during_a_checkpoint_write_loses_nothing(tmp_path, uninterrupted, where):
+    """SIGKILL while epoch 2's checkpoint is being written: checkpoint.pt is still epoch 1's,
+    whole, and --resume finishes with the weights of an uninterrupted run."""
+    out = tmp_path / "run"
+    run_until_blocked(quick_argv(out), where, "checkpoint.pt.tmp")
+    assert (out / "checkpoint.pt.tmp").exists()  # the write really was under way
+    assert load_checkpoint(out / "checkpoint.pt", torch.device("cpu"))["epoch"] == 1
+    assert not (out / "model.pt").exists()
+    assert main(quick_argv(out, "--resume")) == 0
+    resumed = torch.load(out / "model.pt", weights_only=True)
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert not (out / "checkpoint.pt.tmp").exists()
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(asdict(QUICK_RUN)))
+    torch.save({"model": {}, "optimizer": {}, "rng": MakesMarker(marker), "layers": {}, "metrics": [], "epoch": 1}, out / "checkpoint.pt")
+    assert main(quick_argv(out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "refused: it holds a reference to" in err and err.count("\n") == 1
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(asdict(QUICK_RUN)))
+    torch.save({"model": {"w": torch.randn(1000)}}, out / "checkpoint.pt")
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 3])
+    assert main(quick_argv(out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "is truncated, corrupt or not a torch.save file" in err and err.count("\n") == 1
+
+
+def test_trackers_are_stored_as_plain_data(tmp_path):
+    run_finetune(FinetuneConfig(method="asi", epochs=1, batch_size=128, layers="last:2"), tmp_path, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    trackers = {n: s["method_state"] for n, s in state["layers"].items() if s["kind"] == "layer"}
+    assert len(trackers) == 2
+    for tracker in trackers.values():
+        assert set(tracker) == {"margin", "factors", "recomputed", "steps"} and tracker["steps"] > 0
+        assert tracker["factors"] and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tracker["factors"].items())
+
+
+def test_an_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.json", "plan.json", "metrics.json"):
+        (out / name).write_text("{}")
+    monkeypatch.setattr("actcomp.app.finetune.load_data", lambda *a: pytest.fail("refused only after loading data"))
+    assert main(quick_argv(out)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (config.json, plan.json, metrics.json); give --resume" in err and err.count("\n") == 1
+    assert main(quick_argv(out, "--resume", "--overwrite")) == 2
+    assert "not both" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main([*quick_argv(out, "--overwrite"), "--epochs", "1"]) == 0
+    assert not (out / "plan.json").exists()  # the old run's files are gone, the new run's are there
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1 and (out / "checkpoint.pt").exists()
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(quick_argv(out)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("actcomp finetune: error: [Errno 28] disk full: could not write") and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_disk_full_mid_run_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    def fill_disk_after(epoch):
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        if epoch == 1:
+            monkeypatch.setattr(os, "fsync", full)
+
+    with pytest.raises(OSError, match="disk full: could not write .*checkpoint.pt"):
+        run_finetune(QUICK_RUN, tmp_path, progress=False, after_epoch=fill_disk_after)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "checkpoint.pt", torch.device("cpu"))["epoch"] == 1
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def test_config_of_an_older_run_reads_device_as_target():
+    old = {**asdict(FinetuneConfig()), "device": "stm32h743"}
+    del old["target"]
+    assert FinetuneConfig.from_dict(old).target == "stm32h743"
+    with pytest.raises(ValueError, match="unknown setting\\(s\\) 'colour'"):
+        FinetuneConfig.from_dict({"colour": 1})
