@@ -4,10 +4,10 @@
 
 For each layer shape of bench/layers.py, x = relu(avg_pool3x3(randn)) (batch 32 on CPU, 128 on
 CUDA) is factorised by ``hosvd(x, eps)`` of this checkout and, with ``--against``, by the
-``hosvd`` of actcomp/decompose.py at git revision REV (loaded from ``git show``, so the rest of
+``hosvd`` of actcomp/linalg/decompose.py (actcomp/decompose.py before the layout change) at git revision REV (loaded from ``git show``, so the rest of
 the package is this checkout's), alternating in rounds; ``syncfree_hosvd`` is timed in its
 steady state on a fresh batch every call. Medians, ranks and the bytes of the factors. This
-separates the decomposition (actcomp/decompose.py) from the layer's convolutions and its
+separates the decomposition (actcomp/linalg) from the layer's convolutions and its
 weight gradient (actcomp/kernels), which bench/layers.py times together.
 """
 
@@ -31,14 +31,18 @@ from layers import SHAPES, smooth_input  # noqa: E402
 
 
 def baseline_hosvd(rev: str):
-    """``hosvd`` of actcomp/decompose.py at git revision ``rev``, importing this checkout's
-    other modules."""
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:actcomp/decompose.py"], check=True, capture_output=True, text=True
-    ).stdout
+    """``hosvd`` of the decomposition module at git revision ``rev``, importing this checkout's
+    other modules (an older revision's imports of moved modules are mapped to their new place)."""
+    for path in ("actcomp/linalg/decompose.py", "actcomp/decompose.py"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"--against {rev}: no decomposition module at that revision")
+    source = shown.stdout.replace("from actcomp.factors import", "from actcomp.linalg.factors import")
     module = types.ModuleType(f"actcomp_decompose_{rev}")
     sys.modules[module.__name__] = module  # dataclasses look their module up there
-    exec(compile(source, f"{rev}:actcomp/decompose.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module.hosvd
 
 
