@@ -19,11 +19,11 @@ from torch import Tensor, nn
 
 from actcomp.core.config import CompressionConfig, LayerStats
 from actcomp.attach.select import LayerSelector, Trace, select_layers, trace
-from actcomp.kernels import base_type, kernel_for
-from actcomp.policies import Neighbours, NeighbourState, factor_config, neighbour_handler
+from actcomp.kernels import base_type, kernel_for, registration_for
+from actcomp.methods import InputLayout
+from actcomp.policies import Neighbours, NeighbourState, factor_config, neighbour_handler, neighbour_registration
 from actcomp.policies.generic import attach_generic, detach_generic, generic_packer
-from actcomp.policies.smooth import SMOOTH
-from actcomp.core.state import LayerState
+from actcomp.core.state import LayerState, plain_kept_bytes
 
 _STATE = "_actcomp_layer"
 _SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {}
@@ -100,11 +100,21 @@ def _compressed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not (state.active and self.training and torch.is_grad_enabled()):
         return base.forward(self, *args, **kwargs)
     x = _input_of(self, base, state, args, kwargs)
-    if state.config.method == "none":
-        weight = getattr(self, "weight", None)
-        state.record(x, (), x.numel() * x.element_size() if weight is not None and weight.requires_grad else 0)
+    if registration_for(base).family is None and _runs_plain_whatever_layout(state):
+        # a custom kernel (no family: its layout is its own) under a method that runs every
+        # layer plainly; a family's kernel asks the method with the real layout (run_layer)
+        state.record(x, (), plain_kept_bytes(self, x))
         return base.forward(self, x)
     return kernel_for(base)(self, x, state)
+
+
+#: One layout with spatial modes and one without: a method that runs both plainly (method
+#: ``none``) runs any layer plainly.
+_LAYOUTS = (InputLayout(sample_modes=1), InputLayout(sample_modes=1, stride=(1,)))
+
+
+def _runs_plain_whatever_layout(state: LayerState) -> bool:
+    return all(state.compressor.runs_plain(layout) for layout in _LAYOUTS)
 
 
 def _extra_repr(self: nn.Module) -> str:
@@ -220,11 +230,11 @@ def _attach_neighbours(model: nn.Module, policy: Neighbours | None, config: Comp
     compressed = [position[n] for n in compressed_layers(model) if n in position]
     first = min(compressed) if compressed else len(order)
     for name, module in model.named_modules():
-        base = base_type(module)
+        registration = neighbour_registration(base_type(module))
         state = layer_state(module)
-        if neighbour_handler(base) is None or (state is not None and not isinstance(state, NeighbourState)):
+        if registration is None or (state is not None and not isinstance(state, NeighbourState)):
             continue
-        if base in SMOOTH and policy.activations == "exact":
+        if not registration.applies(policy):
             if state is not None:
                 _unswap(module)
             continue

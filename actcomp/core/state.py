@@ -14,13 +14,25 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
-
-from torch import Tensor
+from torch import Tensor, nn
 
 from actcomp.core.config import CompressionConfig, LayerStats
 from actcomp.linalg.decompose import NonFiniteActivationError
 from actcomp.linalg.factors import Factors
 from actcomp.methods.base import Compressor, InputLayout
+
+
+def trains_weight(module: nn.Module) -> bool:
+    """True when the layer is trained: a parameter of its own other than the bias (its
+    weight, or what a computed weight is made of) requires grad. Plain autograd then keeps
+    the layer's input for dW; a frozen layer keeps nothing of it."""
+    return any(p.requires_grad for name, p in module.named_parameters(recurse=False) if name != "bias")
+
+
+def plain_kept_bytes(module: nn.Module, x: Tensor) -> int:
+    """Bytes plain autograd keeps of the input x of a layer that runs its own forward: all of
+    x when the layer is trained (:func:`trains_weight`), else none."""
+    return x.numel() * x.element_size() if trains_weight(module) else 0
 
 
 class KernelNotRunWarning(UserWarning):

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 from actcomp.kernels.base import Kernel, LayerFamily, Registration, base_type, registration_for
 from actcomp.methods.base import Compressor, InputLayout
 from actcomp.core.dispatch import mark_kept
-from actcomp.core.state import BackwardRecord
+from actcomp.core.state import BackwardRecord, plain_kept_bytes
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -114,8 +114,9 @@ class CompressedOp(torch.autograd.Function):
 def run_layer(registration: Registration, module: nn.Module, x: Tensor, state: Any) -> Tensor:
     """Run ``module`` on x through its family's functions, keeping factors of x for backward.
 
-    Layers the method leaves exact (``runs_plain``: Gradient Filter on Linear) run the module's
-    own forward under plain autograd; their stats say the input was kept.
+    Layers the method leaves exact (``runs_plain``: method ``none``, Gradient Filter on
+    Linear) run the module's own forward under plain autograd; their stats say the input was
+    kept when the layer is trained (:func:`~actcomp.core.state.plain_kept_bytes`), else nothing.
     """
     family = registration.family
     assert family is not None
@@ -125,9 +126,7 @@ def run_layer(registration: Registration, module: nn.Module, x: Tensor, state: A
     layout = family.layout(geometry, x)
     compressor: Compressor = state.compressor
     if compressor.runs_plain(layout):
-        # plain autograd keeps x for dW: when a parameter other than the bias trains
-        trained = any(p.requires_grad for n, p in module.named_parameters(recurse=False) if n != "bias")
-        state.record(x, (), x.numel() * x.element_size() if trained else 0)
+        state.record(given, (), plain_kept_bytes(module, given))
         return base_type(module).forward(module, given)
     else:
         weight, bias = registration.params(module)  # may be computed (a parametrised weight): once

@@ -31,7 +31,7 @@ from actcomp.attach.swap import attach_neighbour, compress, neighbour_states, re
 from actcomp.kernels import base_type
 from actcomp.methods import method_class, method_names
 from actcomp.memory.measure import format_bytes, loss_of, measure
-from actcomp.policies import Neighbours, factor_config
+from actcomp.policies import Neighbours, factor_config, tradeable_neighbour
 from actcomp.memory.saved import count_saved
 from actcomp.memory.format import aligned_table
 
@@ -330,12 +330,9 @@ class _Candidates:
         return [n for n in self.tradeable if self.position[n] > start]
 
 
-_TRADEABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
 def _candidates(model: nn.Module, batches: list[object], candidates: LayerSelector) -> _Candidates:
     """Phase 1: a plain, trainable copy of the model, the candidates its forward calls and the
-    BatchNorms it runs on batch statistics."""
+    neighbours whose registration lets the planner trade them (BatchNorm on batch statistics)."""
     work = copy.deepcopy(model)
     restore(work)
     work.train()
@@ -350,10 +347,7 @@ def _candidates(model: nn.Module, batches: list[object], candidates: LayerSelect
     for n in names:
         for w in _weights(modules[n]):
             w.requires_grad_(True)
-    tradeable = [
-        n for n in order
-        if isinstance(modules[n], _TRADEABLE) and (modules[n].training or modules[n].running_mean is None)
-    ]
+    tradeable = [n for n in order if tradeable_neighbour(modules[n])]
     return _Candidates(work, names, modules, position, tradeable)
 
 

@@ -51,7 +51,9 @@ class Compressor:
     ``knob``: the setting :func:`actcomp.plan` tunes per layer (``"eps"``), or None when the
     method has nothing to tune. ``exact_at_one``: at eps = 1 the gradients equal plain
     autograd's. ``reconstructs``: the weight gradient is plain autograd's applied to
-    ``factors.reconstruct()`` (and dX, db stay exact).
+    ``factors.reconstruct()`` (and dX, db stay exact). ``neighbour_method``: the method
+    that factors its neighbours' tensors (BatchNorm's x_hat) when ``knob`` is not eps (a method
+    that tunes eps factors them itself).
     """
 
     name: ClassVar[str] = ""
@@ -59,6 +61,7 @@ class Compressor:
     knob: ClassVar[str | None] = "eps"
     exact_at_one: ClassVar[bool] = True
     reconstructs: ClassVar[bool] = True
+    neighbour_method: ClassVar[str] = "hosvd"
 
     def __init__(self, config: "CompressionConfig") -> None:
         self.config = config

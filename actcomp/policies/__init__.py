@@ -7,20 +7,28 @@ package registers the built-in policies (one file per module family).
 from actcomp.policies.base import (
     ACTIVATION_POLICIES,
     BATCHNORM_POLICIES,
+    NeighbourRegistration,
     NeighbourState,
     Neighbours,
     factor_config,
     neighbour_handler,
+    neighbour_registration,
     register_neighbour,
+    registered_neighbours,
+    tradeable_neighbour,
 )
 from actcomp.policies import relu, pool, dropout, batchnorm, smooth  # noqa: F401,E402  (register)
 
 __all__ = [
     "ACTIVATION_POLICIES",
     "BATCHNORM_POLICIES",
+    "NeighbourRegistration",
     "NeighbourState",
     "Neighbours",
     "factor_config",
     "neighbour_handler",
+    "neighbour_registration",
     "register_neighbour",
+    "registered_neighbours",
+    "tradeable_neighbour",
 ]

@@ -76,23 +76,94 @@ class Neighbours:
 
 
 Handler = Callable[[nn.Module, Tensor, "NeighbourState"], "Tensor | None"]
-_HANDLERS: dict[type[nn.Module], Handler] = {}
 
 
-def register_neighbour(*module_types: type[nn.Module]) -> Callable[[Handler], Handler]:
+def _always(neighbours: Neighbours) -> bool:
+    return True
+
+
+def _never(module: nn.Module) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class NeighbourRegistration:
+    """How one module type's neighbour policy runs.
+
+    ``handler(module, x, state) -> y`` runs the module in a training step (None: its plain
+    forward instead). ``applies(neighbours)``: whether :func:`actcomp.compress` attaches the
+    policy at all under these :class:`Neighbours` settings (smooth activations: only when
+    ``activations`` is not ``"exact"``). ``tradeable(module)``: whether :func:`actcomp.plan`
+    may trade this module's accuracy for bytes (BatchNorm on batch statistics: its factors'
+    eps is planned like a layer's).
+    """
+
+    module_type: type[nn.Module]
+    handler: Handler
+    applies: Callable[[Neighbours], bool] = _always
+    tradeable: Callable[[nn.Module], bool] = _never
+
+
+_REGISTRY: dict[type[nn.Module], NeighbourRegistration] = {}
+_RESOLVED: dict[type, "NeighbourRegistration | None"] = {}  # lookups, cleared on every registration
+
+
+def register_neighbour(
+    *module_types: type[nn.Module],
+    applies: Callable[[Neighbours], bool] = _always,
+    tradeable: Callable[[nn.Module], bool] = _never,
+) -> Callable[[Handler], Handler]:
     """Decorator: ``handler(module, x, state) -> y`` runs these module types in a training
-    step, keeping what its policy says; returning None runs the plain forward instead."""
+    step, keeping what its policy says; returning None runs the plain forward instead.
+    ``applies`` and ``tradeable``: see :class:`NeighbourRegistration`."""
 
     def decorate(handler: Handler) -> Handler:
-        for t in module_types:
-            _HANDLERS[t] = handler
+        for module_type in module_types:
+            if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+                raise TypeError(f"register an nn.Module subclass, got {module_type!r}")
+            _REGISTRY[module_type] = NeighbourRegistration(module_type, handler, applies, tradeable)
+        _RESOLVED.clear()
         return handler
 
     return decorate
 
 
+def neighbour_registration(module_type: type[nn.Module]) -> NeighbourRegistration | None:
+    """The registration whose policy runs ``module_type``, or None. As for layers
+    (:func:`actcomp.kernels.base.registration_for`): a compressed module's class maps to its
+    base's, and a type inherits the registration of its nearest registered base class when it
+    does not override that class's ``forward``; a subclass that overrides ``forward`` has no
+    policy (its forward may compute something else than the policy's Function)."""
+    module_type = getattr(module_type, "_actcomp_base", module_type)
+    if module_type in _RESOLVED:
+        return _RESOLVED[module_type]
+    found = None
+    for cls in module_type.__mro__:
+        registration = _REGISTRY.get(cls)
+        if registration is not None:
+            if cls is module_type or getattr(module_type, "forward", None) is getattr(cls, "forward", None):
+                found = registration
+            break
+    _RESOLVED[module_type] = found
+    return found
+
+
 def neighbour_handler(module_type: type[nn.Module]) -> Handler | None:
-    return _HANDLERS.get(module_type)
+    """The handler that runs ``module_type`` (see :func:`neighbour_registration`), or None."""
+    registration = neighbour_registration(module_type)
+    return registration.handler if registration is not None else None
+
+
+def registered_neighbours() -> tuple[type[nn.Module], ...]:
+    """Every module type registered with a neighbour policy, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def tradeable_neighbour(module: nn.Module) -> bool:
+    """True when :func:`actcomp.plan` may trade ``module``'s policy (see
+    :class:`NeighbourRegistration`)."""
+    registration = neighbour_registration(type(module))
+    return registration is not None and registration.tradeable(module)
 
 
 @dataclass
@@ -119,7 +190,9 @@ class NeighbourState(LayerState):
 
 
 def factor_config(config: CompressionConfig, neighbours: Neighbours) -> CompressionConfig:
-    """The settings of a neighbour's factors: compress's method when it tunes eps, else hosvd;
-    the neighbours' eps when set, else compress's."""
-    method = config.method if method_class(config.method).knob == "eps" else "hosvd"
+    """The settings of a neighbour's factors: compress's method when it tunes eps, else the
+    method it names for its neighbours (:attr:`Compressor.neighbour_method`); the neighbours'
+    eps when set, else compress's."""
+    compressor_class = method_class(config.method)
+    method = config.method if compressor_class.knob == "eps" else compressor_class.neighbour_method
     return CompressionConfig(method, neighbours.eps if neighbours.eps is not None else config.eps)

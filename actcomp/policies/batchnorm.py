@@ -45,7 +45,7 @@ class FactoredBatchNorm(torch.autograd.Function):
         else:
             mean, invstd = running_mean.detach().clone(), torch.rsqrt(running_var + eps)
         tensors = [mean.detach(), invstd.detach()]
-        ctx.kind = None
+        ctx.factors_type = None
         if keep_x_hat:
             # x_hat is factored and dropped before the output exists: x, x_hat and the first
             # factorisation step are the only tensors of x's size alive (often the step's peak)
@@ -56,7 +56,7 @@ class FactoredBatchNorm(torch.autograd.Function):
                     x_hat = x.sub(_channel(mean, x.ndim)).mul_(_channel(invstd, x.ndim))
                     factors = state.factor(x_hat.to(x.dtype))
                     del x_hat
-            ctx.kind, ctx.meta = type(factors), factors.meta()
+            ctx.factors_type, ctx.meta = type(factors), factors.meta()
             tensors += list(factors.tensors())
         else:
             state.keep("nothing", x, 0)
@@ -73,7 +73,8 @@ class FactoredBatchNorm(torch.autograd.Function):
         weight, mean, invstd, *factor_tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dims = (0, *range(2, grad_out.ndim))
-        x_hat = ctx.kind.from_tensors(tuple(factor_tensors), **ctx.meta).reconstruct().to(grad_out.dtype) if ctx.kind else None
+        factors_type = ctx.factors_type
+        x_hat = factors_type.from_tensors(tuple(factor_tensors), **ctx.meta).reconstruct().to(grad_out.dtype) if factors_type else None
         if x_hat is not None and ctx.of_input:  # the factors stand for x: normalise in place
             x_hat.sub_(_channel(mean.to(x_hat.dtype), x_hat.ndim)).mul_(_channel(invstd.to(x_hat.dtype), x_hat.ndim))
         sum_dy = grad_out.sum(dims)
@@ -117,7 +118,13 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     return total
 
 
-@register_neighbour(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batch_statistics_used(module: nn.modules.batchnorm._BatchNorm) -> bool:
+    """True when the module normalises by batch statistics (train mode, or no running ones):
+    its factors policy then approximates, and :func:`actcomp.plan` may trade its eps."""
+    return module.training or module.running_mean is None
+
+
+@register_neighbour(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, tradeable=_batch_statistics_used)
 def batchnorm(module: nn.modules.batchnorm._BatchNorm, x: Tensor, state: NeighbourState) -> Tensor | None:
     """BatchNorm keeping nothing when frozen in eval mode, else factors of x_hat (or, where
     approximate policies do not apply or ``batchnorm="keep"``, what plain autograd keeps)."""

@@ -21,15 +21,15 @@ class MaskedActivation(torch.autograd.Function):
     """A piecewise-linear activation whose backward needs only a packed mask of the input."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, kind: str, lo: float, hi: float, slope: float, inplace: bool) -> Tensor:  # type: ignore[override]
-        if kind == "hardtanh":
+    def forward(ctx, x: Tensor, piece: str, lo: float, hi: float, slope: float, inplace: bool) -> Tensor:  # type: ignore[override]
+        if piece == "hardtanh":
             mask = (x > lo) & (x < hi)
             y = F.hardtanh(x, lo, hi, inplace)
         else:
             mask = x > 0
-            y = F.leaky_relu(x, slope, inplace) if kind == "leaky" else F.relu(x, inplace)
+            y = F.leaky_relu(x, slope, inplace) if piece == "leaky" else F.relu(x, inplace)
         save_codes(ctx, mask, 1, "bits")
-        ctx.slope, ctx.kind = slope, kind
+        ctx.slope, ctx.piece = slope, piece
         if inplace:
             ctx.mark_dirty(x)
         return y
@@ -38,7 +38,7 @@ class MaskedActivation(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         mask = saved_codes(ctx).bool()
-        if ctx.kind == "leaky":
+        if ctx.piece == "leaky":
             grad = torch.where(mask, grad_out, grad_out * ctx.slope)
         else:
             grad = torch.where(mask, grad_out, grad_out.new_zeros(()))
@@ -58,7 +58,7 @@ def masked(module: nn.Module, x: Tensor, state: NeighbourState) -> Tensor | None
     """Run the activation keeping a 1-bit mask (None: nothing to keep, run it plainly)."""
     if not x.requires_grad or not x.is_floating_point():
         return None
-    kind, lo, hi, slope = _settings(module)
-    y = MaskedActivation.apply(x, kind, lo, hi, slope, bool(getattr(module, "inplace", False)))
+    piece, lo, hi, slope = _settings(module)
+    y = MaskedActivation.apply(x, piece, lo, hi, slope, bool(getattr(module, "inplace", False)))
     state.keep("bits", x, (x.numel() + 7) // 8)
     return y

@@ -66,9 +66,10 @@ def _optimal_segments(values: np.ndarray, weights: np.ndarray, count: int) -> li
 
 
 @functools.lru_cache(maxsize=None)
-def codebook(kind: str, bits: int) -> tuple[Tensor, Tensor]:
-    """(breakpoints (2^bits - 1,), levels (2^bits,)) of a k-bit derivative of ``kind``."""
-    fn = _FUNCTIONS[kind]
+def codebook(function: str, bits: int) -> tuple[Tensor, Tensor]:
+    """(breakpoints (2^bits - 1,), levels (2^bits,)) of a k-bit derivative of ``function`` (a key of _FUNCTIONS:
+    ``"gelu"``, ``"silu"``, ...)."""
+    fn = _FUNCTIONS[function]
     values = _derivative_on_grid(fn)
     weights = np.exp(-(_GRID**2) / 2) + 1e-6
     count = 2**bits
@@ -93,7 +94,7 @@ _FUNCTIONS = {
 }
 
 
-def _kind(module: nn.Module) -> str:
+def _function_name(module: nn.Module) -> str:
     if isinstance(module, nn.GELU):
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
     for cls, name in ((nn.SiLU, "silu"), (nn.Hardswish, "hardswish"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh")):
@@ -104,35 +105,35 @@ def _kind(module: nn.Module) -> str:
 
 class QuantizedDerivative(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, kind: str, bits: int, inplace: bool) -> Tensor:  # type: ignore[override]
-        breakpoints, levels = codebook(kind, bits)
+    def forward(ctx, x: Tensor, function: str, bits: int, inplace: bool) -> Tensor:  # type: ignore[override]
+        breakpoints, levels = codebook(function, bits)
         codes = torch.bucketize(x.detach(), breakpoints.to(x.device, x.dtype))
         save_codes(ctx, codes, bits, f"bits{bits}")
         del codes
-        fn = _FUNCTIONS[kind]
+        fn = _FUNCTIONS[function]
         y = fn(x)
         if inplace:
             x.copy_(y)
             y = x
             ctx.mark_dirty(x)
-        ctx.kind = kind
+        ctx.function = function
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        _, levels = codebook(ctx.kind, ctx.bits)
+        _, levels = codebook(ctx.function, ctx.bits)
         derivative = levels.to(grad_out.device, grad_out.dtype)[saved_codes(ctx).long()]
         return grad_out * derivative, None, None, None
 
 
-@register_neighbour(*SMOOTH)
+@register_neighbour(*SMOOTH, applies=lambda neighbours: neighbours.activations != "exact")
 def quantized(module: nn.Module, x: Tensor, state: NeighbourState) -> Tensor | None:
     """A smooth activation with a k-bit derivative where approximate policies apply."""
     policy = state.neighbours.activations
     if policy == "exact" or not state.approximate or not x.requires_grad or not x.is_floating_point():
         return None
     bits = int(policy[len("bits") :])
-    y = QuantizedDerivative.apply(x, _kind(module), bits, bool(getattr(module, "inplace", False)))
+    y = QuantizedDerivative.apply(x, _function_name(module), bits, bool(getattr(module, "inplace", False)))
     state.keep(policy, x, math.ceil(x.numel() * bits / 8))
     return y

@@ -209,3 +209,28 @@ def test_plan_on_svd_adapted_layers():
     assert [c.train for c in p.choices] == [True, True]
     applied = p.apply(copy.deepcopy(model))
     assert measured_saved_bytes(applied, batch) == p.predicted_saved_bytes
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def test_the_planner_trades_the_neighbours_its_registration_names():
+    """Which neighbours the planner may trade is a field of their registration, not a list
+    of types in the planner."""
+    from actcomp.memory.plan import _candidates
+    from actcomp.policies import base as registry
+
+    def handler(module, x, state):
+        return None
+
+    model = nn.Sequential(nn.Linear(4, 4), _Scale(), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    batch = torch.randn(6, 4)
+    assert _candidates(model, [batch], "all").tradeable == ["2"]
+    registry.register_neighbour(_Scale, tradeable=lambda module: True)(handler)
+    try:
+        assert _candidates(model, [batch], "all").tradeable == ["1", "2"]
+    finally:
+        del registry._REGISTRY[_Scale]
+        registry._RESOLVED.clear()

@@ -50,7 +50,6 @@ def test_more_bits_less_error(act):
     (exact,) = torch.autograd.grad(type(act).forward(act, x).sum(), x)
     errors = []
     for bits in (1, 2, 4, 8):
-        model = nn.Sequential(nn.Identity(), act)
         state = actcomp.policies.NeighbourState(name="1", layer_type=type(act).__name__, config=actcomp.CompressionConfig(), neighbours=actcomp.Neighbours(activations=f"bits{bits}"), approximate=True)
         from actcomp.policies.smooth import quantized
 

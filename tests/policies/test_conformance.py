@@ -1,0 +1,184 @@
+"""Every registered neighbour type x each policy setting, driven by the neighbour registry.
+
+Like tests/test_conformance.py for layers: each type registered with ``register_neighbour``
+has settings rows (a module factory, an input shape, the :class:`actcomp.Neighbours` settings
+and what the policy promises to keep). The module runs after a compressed layer (so that
+approximate policies apply) at eps = 1 in float64, and for every row:
+
+* exact policies: output, input gradient and parameter gradients equal plain autograd's;
+* the bytes autograd keeps for the module (``actcomp.count_saved``, parameters apart) are what
+  the policy promises: ``bits`` ceil(numel / 8), ``bits<k>`` ceil(numel k / 8), ``indices`` one
+  small integer per output element, ``nothing`` none, ``factors`` the factors' bytes (the
+  stats' ``kept_bytes``), ``plain`` what plain autograd keeps; BatchNorm adds its per-channel
+  mean and 1/sigma;
+* the stats the policy records say the same bytes.
+
+The first test fails until a newly registered type has rows; smooth activations and BatchNorm
+get one row per value of ``ACTIVATION_POLICIES`` / ``BATCHNORM_POLICIES``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import actcomp
+from actcomp.policies import ACTIVATION_POLICIES, BATCHNORM_POLICIES, registered_neighbours
+from actcomp.policies.pool import _index_dtype
+
+
+@dataclass(frozen=True)
+class Row:
+    """One setting of one neighbour type: ``promise`` is the policy's name (``plain``: the
+    module runs plain autograd under these settings); ``train``: run in training mode."""
+
+    name: str
+    module: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    promise: str
+    neighbours: actcomp.Neighbours = actcomp.Neighbours()
+    train: bool = True
+
+    @property
+    def exact(self) -> bool:
+        return not self.promise.startswith("bits") or self.promise == "bits"
+
+
+def _frozen_eval_batchnorm(cls, channels):
+    return lambda: cls(channels).eval().requires_grad_(False)
+
+
+ROWS: dict[type[nn.Module], list[Row]] = {
+    nn.ReLU: [Row("plain", nn.ReLU, (4, 5, 6), "bits"), Row("inplace", lambda: nn.ReLU(inplace=True), (3, 7), "bits")],
+    nn.ReLU6: [Row("plain", nn.ReLU6, (4, 5, 6), "bits")],
+    nn.LeakyReLU: [Row("slope", lambda: nn.LeakyReLU(0.2), (4, 5, 6), "bits")],
+    nn.Hardtanh: [Row("bounds", lambda: nn.Hardtanh(-0.5, 0.7), (4, 5, 6), "bits")],
+    nn.Dropout: [Row("p", lambda: nn.Dropout(0.3), (4, 5, 6), "bits")],
+    nn.MaxPool1d: [Row("strided-padded", lambda: nn.MaxPool1d(3, 2, 1), (2, 3, 11), "indices")],
+    nn.MaxPool2d: [
+        Row("window", lambda: nn.MaxPool2d(2), (2, 3, 8, 8), "indices"),
+        Row("dilated-ceil-unbatched", lambda: nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True), (3, 9, 9), "indices"),
+    ],
+    nn.MaxPool3d: [Row("window", lambda: nn.MaxPool3d(2, 1), (2, 2, 4, 5, 4), "indices")],
+    nn.AvgPool1d: [Row("strided-padded", lambda: nn.AvgPool1d(3, 2, 1, count_include_pad=False), (2, 3, 11), "nothing")],
+    nn.AvgPool2d: [Row("divisor-ceil", lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, divisor_override=5), (2, 3, 8, 8), "nothing")],
+    nn.AvgPool3d: [Row("window", lambda: nn.AvgPool3d(2), (2, 2, 4, 4, 4), "nothing")],
+    nn.AdaptiveAvgPool1d: [Row("uneven", lambda: nn.AdaptiveAvgPool1d(4), (2, 3, 11), "nothing")],
+    nn.AdaptiveAvgPool2d: [Row("uneven", lambda: nn.AdaptiveAvgPool2d((3, 2)), (2, 3, 7, 5), "nothing")],
+    nn.AdaptiveAvgPool3d: [Row("uneven", lambda: nn.AdaptiveAvgPool3d(2), (2, 2, 5, 4, 3), "nothing")],
+}
+
+_BATCHNORM_SHAPES = {nn.BatchNorm1d: (6, 4, 5), nn.BatchNorm2d: (4, 4, 5, 5), nn.BatchNorm3d: (3, 4, 3, 4, 5)}
+for _cls, _shape in _BATCHNORM_SHAPES.items():
+    ROWS[_cls] = [
+        *(
+            Row(policy, lambda c=_cls: c(4), _shape, "plain" if policy == "keep" else "factors", actcomp.Neighbours(batchnorm=policy))
+            for policy in BATCHNORM_POLICIES
+        ),
+        Row("eval-trained", lambda c=_cls: c(4).eval(), _shape, "factors", train=False),
+        Row("eval-frozen", _frozen_eval_batchnorm(_cls, 4), _shape, "nothing", train=False),
+    ]
+
+_SMOOTH = {
+    nn.GELU: [nn.GELU, lambda: nn.GELU(approximate="tanh")],
+    nn.SiLU: [nn.SiLU],
+    nn.Hardswish: [nn.Hardswish],
+    nn.Sigmoid: [nn.Sigmoid],
+    nn.Tanh: [nn.Tanh],
+}
+for _cls, _factories in _SMOOTH.items():
+    ROWS[_cls] = [
+        Row(f"{policy}-{i}", factory, (4, 5, 6), "plain" if policy == "exact" else policy, actcomp.Neighbours(activations=policy))
+        for policy in ACTIVATION_POLICIES
+        for i, factory in enumerate(_factories)
+    ]
+
+CASES = [pytest.param(t, row, id=f"{t.__name__}-{row.name}") for t, rows in ROWS.items() for row in rows]
+
+
+def test_every_registered_neighbour_type_has_rows():
+    assert set(registered_neighbours()) == set(ROWS), "add settings rows for every registered neighbour type"
+
+
+def test_every_policy_setting_has_rows():
+    for cls in _SMOOTH:
+        assert {r.neighbours.activations for r in ROWS[cls]} == set(ACTIVATION_POLICIES)
+    for cls in _BATCHNORM_SHAPES:
+        assert {r.neighbours.batchnorm for r in ROWS[cls]} == set(BATCHNORM_POLICIES)
+
+
+def _promised_bytes(row: Row, module: nn.Module, x: torch.Tensor, y: torch.Tensor, state) -> int:
+    """What the row's policy promises to keep (the stats' bytes for factors)."""
+    if row.promise == "bits":
+        return math.ceil(x.numel() / 8)
+    if row.promise.startswith("bits"):
+        return math.ceil(x.numel() * int(row.promise[len("bits"):]) / 8)
+    if row.promise == "indices":
+        kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * (x.ndim - 2)
+        return y.numel() * torch.empty((), dtype=_index_dtype(math.prod(kernel))).element_size()
+    if row.promise == "nothing":
+        return 0
+    assert row.promise == "factors"
+    return state.last.kept_bytes
+
+
+def _channel_statistics(module: nn.Module, x: torch.Tensor) -> int:
+    """BatchNorm also keeps its per-channel mean and 1/sigma."""
+    return 2 * x.shape[1] * x.element_size() if isinstance(module, nn.modules.batchnorm._BatchNorm) else 0
+
+
+def _run(module: nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Output, gradients (input, then trained parameters) and saved bytes of one call."""
+    leaf = x.clone().requires_grad_()
+    params = [p for p in module.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    with actcomp.count_saved(module) as saved:
+        y = module(leaf * 1.0)  # not a leaf: in-place variants may write to it
+    grads = torch.autograd.grad(y, [leaf, *params], torch.cos(y.detach()))
+    return y.detach(), list(grads), saved.saved_bytes
+
+
+@pytest.mark.parametrize("neighbour_type, row", CASES)
+def test_policy_is_exact_and_keeps_what_it_promises(neighbour_type, row):
+    torch.manual_seed(0)
+    module = row.module().double()
+    assert type(module) is neighbour_type
+    module.train(row.train)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            if name == "running_mean":
+                b.uniform_(-0.5, 0.5)
+            elif name == "running_var":
+                b.uniform_(0.5, 2.0)
+        for p in module.parameters():
+            p.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(module)
+    # after a compressed layer, so that approximate policies (factors, bits<k>) apply
+    model = nn.Sequential(nn.Linear(row.shape[-1], row.shape[-1]), module).double()
+    actcomp.compress(model, layers=["0"], method="hosvd", eps=1.0, neighbours=row.neighbours)
+    state = actcomp.layer_state(module)
+    assert (state is None) == (row.promise == "plain" and neighbour_type in _SMOOTH)
+    x = torch.randn(row.shape, dtype=torch.float64)
+
+    y, grads, saved_bytes = _run(module, x, seed=1)
+    y_ref, grads_ref, plain_bytes = _run(reference, x, seed=1)
+
+    assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
+    if row.exact:
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+    if row.promise == "plain":
+        assert saved_bytes == plain_bytes
+        return
+    promised = _promised_bytes(row, module, x, y, state)
+    assert saved_bytes == promised + _channel_statistics(module, x)
+    assert state.last.kept_bytes == promised
+    assert state.last.method == row.promise
+    if row.promise != "factors":  # factors at eps = 1 may take more than the tensor itself
+        assert saved_bytes < plain_bytes
