@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 
 class Packed(Protocol):
@@ -44,6 +45,10 @@ class _Dispatch(threading.local):
 
 
 _DISPATCH = _Dispatch()
+
+#: tensor -> the policy an actcomp kernel marked it with (:func:`mark_kept`); weak-keyed, as
+#: torch keeps such side data: an entry lives as long as its tensor, and nothing is set on it.
+_MARKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _pack(tensor: Tensor) -> Any:
@@ -72,7 +77,12 @@ def kept_policy(tensor: Tensor, kept: Any) -> str:
     marked its own saved tensors with (:func:`mark_kept`), or ``"plain"``."""
     if not isinstance(kept, Tensor):
         return kept.policy
-    return getattr(tensor, "_actcomp_policy", "plain")
+    return _MARKED.get(tensor, "plain")
+
+
+def marked_policy(tensor: Tensor) -> str | None:
+    """The policy :func:`mark_kept` marked ``tensor`` with, or None when it is not marked."""
+    return _MARKED.get(tensor)
 
 
 def mark_kept(policy: str, *tensors: Tensor | None) -> None:
@@ -80,7 +90,7 @@ def mark_kept(policy: str, *tensors: Tensor | None) -> None:
     weight): packers leave them alone, and measure reports them under ``policy``."""
     for t in tensors:
         if t is not None:
-            t._actcomp_policy = policy  # type: ignore[attr-defined]
+            _MARKED[t] = policy
 
 
 @contextlib.contextmanager

@@ -15,11 +15,18 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from actcomp.core.config import CompressionConfig, LayerStats
 from actcomp.linalg.decompose import NonFiniteActivationError
 from actcomp.linalg.factors import Factors
 from actcomp.methods.base import Compressor, InputLayout
+
+
+#: input tensor -> ((version, method, settings, layout), its factors): an activation given to
+#: several layers is factored once (:meth:`LayerState.compress`). Weak-keyed, as torch keeps
+#: such side data: an entry lives as long as its tensor, and nothing is set on the tensor.
+_FACTORS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def trains_weight(module: nn.Module) -> bool:
@@ -161,7 +168,7 @@ class LayerState:
         FloatingPointError naming the layer (a non-finite activation has no subspace, and a
         silent fallback would hide a diverged run and break the planned memory)."""
         key = (x._version, type(self.compressor), self.config, layout)
-        cached = x.__dict__.get("_actcomp_factors")
+        cached = _FACTORS.get(x)
         if cached is not None and cached[0] == key:
             factors = cached[1]
             self.record(x, self.compressor.ranks(factors), 0)  # kept once, by the first layer
@@ -181,7 +188,7 @@ class LayerState:
             # An activation of this step given to several layers (a residual block's conv and
             # its downsample, attention's q/k/v projections) is factored once; stateful methods
             # (asi) and leaf inputs (reused across steps) are never cached.
-            x._actcomp_factors = (key, factors)  # type: ignore[attr-defined]
+            _FACTORS[x] = (key, factors)
         return factors
 
     def record(self, x: Tensor, ranks: tuple[int, ...], kept_bytes: int, method: str | None = None) -> None:

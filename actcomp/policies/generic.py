@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from actcomp.linalg.decompose import NonFiniteActivationError, hosvd
 from actcomp.linalg.factors import Tucker
-from actcomp.core.dispatch import mark_kept, packing
+from actcomp.core.dispatch import mark_kept, marked_policy, packing
+
 
 @dataclass(frozen=True)
 class PackedTensor:
@@ -38,6 +40,12 @@ class PackedTensor:
         return self.factors.reconstruct().to(self.dtype)
 
 
+#: tensor -> ((its version, eps), what it was packed as): the same tensor saved by several ops
+#: is packed once. Weak-keyed, as torch keeps such side data: an entry lives as long as its
+#: tensor, and nothing is set on the tensor itself.
+_PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
 class GenericPacker:
     """The pack function of the generic policy for one model (see the module doc)."""
 
@@ -49,11 +57,11 @@ class GenericPacker:
         self.fixed: set[int] = set()
 
     def __call__(self, t: Tensor) -> PackedTensor | None:
-        if getattr(t, "_actcomp_policy", None) is not None or isinstance(t, nn.Parameter):
+        if marked_policy(t) is not None or isinstance(t, nn.Parameter):
             return None
         if not t.is_floating_point() or t.ndim < 2 or t.numel() == 0 or t.numel() * t.element_size() < self.threshold:
             return None
-        cached = t.__dict__.get("_actcomp_packed")
+        cached = _PACKED.get(t)
         if cached is not None and cached[0] == (t._version, self.eps):
             return cached[1]
         if t.untyped_storage().data_ptr() in self.fixed:
@@ -66,7 +74,7 @@ class GenericPacker:
             return None
         mark_kept("packed", *factors.tensors())
         packed = PackedTensor(factors, t.dtype)
-        t._actcomp_packed = ((t._version, self.eps), packed)  # type: ignore[attr-defined]
+        _PACKED[t] = ((t._version, self.eps), packed)
         return packed
 
 
