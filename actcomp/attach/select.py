@@ -168,33 +168,68 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
                 stacklevel=3,
             )
 
+    def check(name: str, module: nn.Module) -> None:
+        if not is_supported(type(module)):
+            raise _unsupported(name, module)
+        if name in blocked:
+            raise ValueError(f"{traced.reason(name, modules)}, so its compressed kernel cannot run; leave it out (layers='all' does)")
+
+    return resolve_selection(
+        layers,
+        modules,
+        supported,
+        lambda: traced.order if traced is not None else list(modules),
+        check,
+        counted="with a compressed kernel",
+        noun="layer with a compressed kernel",
+        supported=", ".join(supported_types()),
+    )
+
+
+def resolve_selection(
+    layers: LayerSelector,
+    modules: dict[str, nn.Module],
+    candidates: list[str],
+    order: Callable[[], list[str]],
+    check: Callable[[str, nn.Module], None],
+    *,
+    counted: str,
+    noun: str,
+    supported: str,
+) -> list[str]:
+    """The one reading of the ``layers=`` syntax (``compress``, ``svd_adapt``): qualified
+    names, in order and without repeats.
+
+    ``modules``: the model's modules by name; ``candidates``: the names the automatic
+    selections (``"all"``, ``"last:N"``, ``"re:<pattern>"``, a callable ``(name, module) ->
+    bool``) pick from; ``order()``: module names in the order ``"last:N"`` counts in (asked
+    only for it); ``check(name, module)`` raises ValueError for a name listed explicitly that
+    may not be chosen. ``counted``, ``noun`` and ``supported`` word the errors: "the model has
+    N {counted} ({supported})", "selects no {noun} (supported: {supported})".
+    """
     if isinstance(layers, str):
         if layers == "all":
-            chosen = supported
+            chosen = list(candidates)
         elif layers.startswith("last:"):
             count_text = layers[len("last:") :]
             if not count_text.isdigit() or int(count_text) < 1:
                 raise ValueError(f"layers='last:N' needs a whole number N >= 1, got {layers!r}")
             count = int(count_text)
-            order = traced.order if traced is not None else list(modules)
-            candidates = set(supported)
-            ordered = [n for n in order if n in candidates]
+            allowed = set(candidates)
+            ordered = [n for n in order() if n in allowed]
             if count > len(ordered):
-                raise ValueError(
-                    f"layers={layers!r} asks for {count} layers but the model has {len(ordered)} "
-                    f"with a compressed kernel ({', '.join(supported_types())})"
-                )
+                raise ValueError(f"layers={layers!r} asks for {count} layers but the model has {len(ordered)} {counted} ({supported})")
             chosen = ordered[-count:]
         elif layers.startswith("re:"):
             pattern = re.compile(layers[len("re:") :])
-            chosen = [n for n in supported if pattern.search(n)]
+            chosen = [n for n in candidates if pattern.search(n)]
         else:
             raise ValueError(
                 f"layers={layers!r} is not understood: use 'all', 'last:N', 're:<pattern>', "
                 "a list of module names or a callable(name, module) -> bool"
             )
     elif callable(layers):
-        chosen = [n for n in supported if layers(n, modules[n])]
+        chosen = [n for n in candidates if layers(n, modules[n])]
     else:
         chosen = []
         for name in layers:
@@ -202,14 +237,8 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
                 close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise ValueError(f"model has no layer named {name!r}{hint}")
-            if not is_supported(type(modules[name])):
-                raise _unsupported(name, modules[name])
-            if name in blocked:
-                raise ValueError(f"{traced.reason(name, modules)}, so its compressed kernel cannot run; leave it out (layers='all' does)")
+            check(name, modules[name])
             chosen.append(name)
     if not chosen:
-        raise ValueError(
-            f"layers={layers!r} selects no layer with a compressed kernel "
-            f"(supported: {', '.join(supported_types())})"
-        )
+        raise ValueError(f"layers={layers!r} selects no {noun} (supported: {supported})")
     return list(dict.fromkeys(chosen))

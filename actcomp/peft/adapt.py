@@ -12,22 +12,18 @@ like the original architecture.
 
 from __future__ import annotations
 
-import difflib
-import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from actcomp.attach.select import execution_order
+from actcomp.attach.select import LayerSelector, execution_order, resolve_selection
+from actcomp.attach.swap import layer_state
 from actcomp.peft.householder import DEFAULT_BLOCK_SIZE
 from actcomp.peft.layers import SIDES, SVDWeight, adaptable_type_names, svd_class_for
 
-LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool]
 TRAIN_MODES = ("s", "s+q")
 DEFAULT_REFLECTIONS = 8
-_COMPRESSED = "_actcomp_layer"  # the attribute actcomp.compress attaches to a compressed layer
 
 
 @dataclass(frozen=True)
@@ -56,51 +52,28 @@ def select_adaptable(model: nn.Module, layers: LayerSelector, sample: object = N
     (execution order with ``sample``, else module order), ``"re:<pattern>"``, a callable
     ``(name, module) -> bool`` or a list of names (each must exist and be adaptable)."""
     modules = dict(model.named_modules())
-    adaptable = [n for n, m in modules.items() if _adaptable(m)]
     supported = ", ".join(adaptable_type_names())
-    if isinstance(layers, str):
-        if layers == "all":
-            chosen = adaptable
-        elif layers.startswith("last:"):
-            count_text = layers[len("last:") :]
-            if not count_text.isdigit() or int(count_text) < 1:
-                raise ValueError(f"layers='last:N' needs a whole number N >= 1, got {layers!r}")
-            order = execution_order(model, sample) if sample is not None else list(modules)
-            candidates = set(adaptable)
-            ordered = [n for n in order if n in candidates]
-            if int(count_text) > len(ordered):
-                raise ValueError(f"layers={layers!r} asks for {count_text} layers but the model has {len(ordered)} adaptable ones ({supported})")
-            chosen = ordered[-int(count_text) :]
-        elif layers.startswith("re:"):
-            pattern = re.compile(layers[len("re:") :])
-            chosen = [n for n in adaptable if pattern.search(n)]
-        else:
+
+    def check(name: str, module: nn.Module) -> None:
+        if isinstance(module, SVDWeight):
+            raise ValueError(f"{_describe(name, module)} is already SVD-parametrised; merge(model) first to adapt it anew")
+        if layer_state(module) is not None:
             raise ValueError(
-                f"layers={layers!r} is not understood: use 'all', 'last:N', 're:<pattern>', "
-                "a list of module names or a callable(name, module) -> bool"
+                f"{_describe(name, module)} is compressed; call actcomp.restore(model), then svd_adapt, then compress again"
             )
-    elif callable(layers):
-        chosen = [n for n in adaptable if layers(n, modules[n])]
-    else:
-        chosen = []
-        for name in layers:
-            if name not in modules:
-                close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"model has no layer named {name!r}{hint}")
-            module = modules[name]
-            if isinstance(module, SVDWeight):
-                raise ValueError(f"{_describe(name, module)} is already SVD-parametrised; merge(model) first to adapt it anew")
-            if hasattr(module, _COMPRESSED):
-                raise ValueError(
-                    f"{_describe(name, module)} is compressed; call actcomp.restore(model), then svd_adapt, then compress again"
-                )
-            if not _adaptable(module):
-                raise ValueError(f"{_describe(name, module)} cannot be SVD-parametrised; supported: {supported} (exact classes)")
-            chosen.append(name)
-    if not chosen:
-        raise ValueError(f"layers={layers!r} selects no adaptable layer (supported: {supported})")
-    return list(dict.fromkeys(chosen))
+        if not _adaptable(module):
+            raise ValueError(f"{_describe(name, module)} cannot be SVD-parametrised; supported: {supported} (exact classes)")
+
+    return resolve_selection(
+        layers,
+        modules,
+        [n for n, m in modules.items() if _adaptable(m)],
+        lambda: execution_order(model, sample) if sample is not None else list(modules),
+        check,
+        counted="adaptable ones",
+        noun="adaptable layer",
+        supported=supported,
+    )
 
 
 def _tied(model: nn.Module) -> dict[int, list[str]]:
@@ -216,7 +189,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, SVDWeight)]
     for name, module in found:
-        if hasattr(module, _COMPRESSED):
+        if layer_state(module) is not None:
             raise ValueError(f"{_describe(name, module)} is compressed; call actcomp.restore(model) before merge(model)")
     for _, module in found:
         with torch.no_grad():

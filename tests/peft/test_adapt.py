@@ -1,6 +1,7 @@
 """svd_adapt / merge on whole models: identity of the model, state_dict, merge, refusals."""
 
 import io
+import re
 
 import pytest
 import torch
@@ -152,3 +153,33 @@ def test_subclass_is_not_adapted():
 
     with pytest.raises(ValueError, match=r"\(MyLinear\) cannot be SVD-parametrised"):
         svd_adapt(nn.Sequential(MyLinear(3, 3)), ["0"])
+
+
+@pytest.mark.parametrize("layers", ["all", "last:1", "re:^head", ["head.2", "head.0", "head.2"], "last:x", "last:9", "bad", "re:none"])
+def test_selection_syntax_is_compress_s_own(layers):
+    """svd_adapt reads layers= as compress does (every layer of Net is both adaptable and
+    compressible): the same names, and the same errors but for the name of the layers."""
+    from actcomp.attach.select import select_layers
+
+    def outcome(select):
+        try:
+            return select(Net(), layers)
+        except ValueError as error:
+            return re.sub(r"(adaptable ones|with a compressed kernel|adaptable layer|layer with a compressed kernel) \(.*", "", str(error))
+
+    assert outcome(select_adaptable) == outcome(select_layers)
+
+
+def test_adapt_asks_attach_whether_a_layer_is_compressed(monkeypatch):
+    """select_adaptable and merge use actcomp.attach's public layer_state, not an attribute name."""
+    import inspect
+
+    from actcomp.attach.select import resolve_selection
+    from actcomp.peft import adapt
+
+    assert adapt.resolve_selection is resolve_selection
+    assert "_actcomp_layer" not in inspect.getsource(adapt)
+    model = Net()
+    monkeypatch.setattr(adapt, "layer_state", lambda module: object() if module is model.head[0] else None)
+    with pytest.raises(ValueError, match=r"'head.0' \(Linear\) is compressed"):
+        svd_adapt(model, ["head.0"])
