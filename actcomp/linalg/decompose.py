@@ -22,7 +22,7 @@ on a step that recomputes a tracked mode); :mod:`actcomp.linalg.syncfree` never 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -157,8 +157,18 @@ def _first_gram(x: Tensor, gram_of: Callable[[Tensor], Tensor]) -> tuple[Tensor,
     return xc, scale, gram, gram if gram.device.type == "cpu" else gram.cpu()
 
 
+def mode_thresholds(eps: float | Sequence[float], modes: int) -> tuple[float, ...]:
+    """One explained-variance threshold per mode: ``eps`` repeated, or ``eps`` itself when it
+    is a sequence of ``modes`` thresholds; each checked to lie in (0, 1]."""
+    if isinstance(eps, Sequence) and not isinstance(eps, str):
+        if len(eps) != modes:
+            raise ValueError(f"eps per mode needs {modes} thresholds for a tensor of {modes} modes, got {len(eps)}")
+        return tuple(check_eps(e) for e in eps)
+    return (check_eps(eps),) * modes
+
+
 @torch.no_grad()
-def hosvd(x: Tensor, eps: float) -> Tucker:
+def hosvd(x: Tensor, eps: float | Sequence[float]) -> Tucker:
     """Sequentially truncated higher-order SVD of x, each mode's rank from explained variance.
 
     The modes are truncated one after another in :func:`truncation_order` (smallest first).
@@ -174,6 +184,11 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
       mode subspaces, so ||X - X~||^2 = ||X||^2 - ||S||^2 <= (1 - eps^N) ||X||^2 for N modes;
     * at ``eps == 1`` it is exact, with K_n = min(I_n, product of the other current sizes).
 
+    ``eps`` may also be one threshold per mode (``eps[n]`` for mode n, e.g. ``(1.0, 0.9, 0.9,
+    0.9)`` keeps the batch mode of a (B, C, H, W) input whole and truncates the others): every
+    statement above holds with eps_n in place of eps, and ||X - X~||^2 <= (1 - prod_n eps_n)
+    ||X||^2.
+
     A plain HOSVD decomposes every unfolding of X itself, so that each factor alone explains eps
     of ||X||^2; truncating sequentially forms the large Gram matrices from an already shrunk
     tensor. Gram matrices larger than 256 x 256 are decomposed by randomized subspace iteration
@@ -185,9 +200,9 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
     NonFiniteActivationError. Returned in x's dtype as contiguous tensors that share no storage
     with x. Deterministic; on an accelerator one host sync per mode (its rank).
     """
-    eps = check_eps(eps)
     if x.ndim < 1 or x.numel() == 0:
         raise ValueError(f"hosvd needs a non-empty tensor, got shape {tuple(x.shape)}")
+    mode_eps = mode_thresholds(eps, x.ndim)
     order = truncation_order(x.shape)
     axes = list(range(x.ndim))
     first: list[Unfolding] = []
@@ -205,7 +220,7 @@ def hosvd(x: Tensor, eps: float) -> Tucker:
             unfolding = first[0] if step == 0 else Unfolding(y, axes, mode)
             if step > 0:
                 gram, host = unfolding.gram(), None
-            u = unfolding.factor(_leading_subspace(gram, eps, host))
+            u = unfolding.factor(_leading_subspace(gram, mode_eps[mode], host))
             y, axes = unfolding.project(u)
         factors[mode] = u
     core = unscaled(y.permute([axes.index(n) for n in range(x.ndim)]), scale)

@@ -137,6 +137,29 @@ def test_hosvd_guarantee(shape, eps):
     assert lost <= (1 - eps ** x.ndim) * energy * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("first", [1.0, 0.99, 0.6])
+def test_hosvd_eps_per_mode(shape, first):
+    """eps per mode: mode 0 at ``first``, the others at 0.7; each truncation keeps its own
+    mode's eps of the energy it starts from (at 1: all of it), and the error is at most
+    (1 - prod eps_n) ||X||^2."""
+    x = torch.relu(torch.randn(shape, dtype=torch.float64))
+    thresholds = (first,) + (0.7,) * (x.ndim - 1)
+    tucker = hosvd(x, thresholds)
+    order = truncation_order(x.shape)
+    for mode, (before, after) in zip(order, _steps(x, tucker)):
+        assert after >= thresholds[mode] * before * (1 - 1e-12)
+    energy, lost = float(x.pow(2).sum()), float((x - tucker.reconstruct()).pow(2).sum())
+    assert lost <= (1 - math.prod(thresholds)) * energy * (1 + 1e-12)
+    assert torch.equal(hosvd(x, (0.7,) * x.ndim).core, hosvd(x, 0.7).core)
+
+
+@pytest.mark.parametrize("eps", [(0.9, 0.9), (0.9, 1.5, 0.9, 0.9), "0.9"])
+def test_hosvd_eps_per_mode_is_checked(eps):
+    with pytest.raises(ValueError, match="eps"):
+        hosvd(torch.randn(4, 3, 5, 5), eps)
+
+
 @pytest.mark.parametrize("n, eps", [(300, 0.8), (400, 0.5), (400, 0.95), (260, 0.999)])
 def test_randomized_leading_subspace(n, eps):
     """Above 256 rows: orthonormal, explains eps of the trace exactly, at most a few directions
