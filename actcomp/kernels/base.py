@@ -16,6 +16,12 @@ compute something else than the family's).
 
 :func:`register_kernel` remains for a fully custom kernel ``kernel(module, x, state) -> y``
 that brings its own autograd Function.
+
+A family may also carry what features beyond the kernel need of it, so that a feature asks the
+registry instead of keeping its own table of families: ``second_order`` (:class:`SecondOrder`:
+the KFAC activation root of SINGD and HyLo's per-sample rows, from factors) and ``export``
+(:class:`ExportKernels`: forward, dX and dW with graph-exportable ops, for the training-step
+export). A family without them is refused by those features with the layer's name.
 """
 
 from __future__ import annotations
@@ -37,6 +43,60 @@ def _no_batching(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     return x, False
 
 
+def _every_geometry(geometry: Any) -> bool:
+    return True
+
+
+def _no_restriction(geometry: Any, weight_shape: torch.Size) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class SecondOrder:
+    """A family's second-order statistics from its input's factors (SINGD, HyLo).
+
+    With a the layer's processed input rows (n x D; :mod:`actcomp.optim.roots`) and I its
+    per-sample rows (:mod:`actcomp.optim.samples`):
+
+    * ``kfac_rows(factors, geometry, weight_shape, approx)`` = a as P Y with P orthonormal,
+      never formed (a :class:`~actcomp.kernels.second_order.RowRoot`), for KFAC's A = a^T a;
+      ``approx`` is ``"expand"`` or ``"reduce"``;
+    * ``factor_samples(factors, geometry, weight_shape)`` = I = L R from the factors (a
+      :class:`~actcomp.kernels.second_order.SampleFactors`);
+    * ``input_samples(x, geometry, weight_shape)`` = I of a plain input x, in full;
+    * ``output_samples(grad_out)`` = (G, B): dY as one row per sample (n x C_out) and the
+      batch size B;
+    * ``supports(geometry)``: whether a layer of this geometry has them (a 2-D convolution
+      does, a 3-D one not); ``layers``: the layer types served, for messages ("Conv2d").
+    """
+
+    layers: str
+    kfac_rows: Callable[[Any, Any, torch.Size, str], Any]
+    factor_samples: Callable[[Any, Any, torch.Size], Any]
+    input_samples: Callable[[Tensor, Any, torch.Size], Any]
+    output_samples: Callable[[Tensor], "tuple[Tensor, int]"]
+    supports: Callable[[Any], bool] = _every_geometry
+
+
+@dataclass(frozen=True)
+class ExportKernels:
+    """A family's step kernels for graph export (ONNX has no convolution_backward): the same
+    math as the family's own functions, written with exportable ops only.
+
+    ``forward(x, W, b, geometry)``; ``input_grad(dY, W, input_shape, geometry)`` = dX;
+    ``weight_grads[type(factors)](factors, dY, weight_shape, geometry)`` = dW from the factor
+    types the export can keep for this family (db is the family's ``bias_grad``);
+    ``unsupported(geometry, weight_shape)``: what the export supports, in words, when this layer
+    is not among it (None when it is); ``layers``: the layer types served, for messages.
+    """
+
+    layers: str
+    forward: Callable[[Tensor, Tensor, "Tensor | None", Any], Tensor]
+    input_grad: Callable[[Tensor, Tensor, torch.Size, Any], Tensor]
+    weight_grads: Mapping[type, WeightGrad]
+    unsupported: Callable[[Any, torch.Size], "str | None"] = _no_restriction
+
+
 @dataclass(frozen=True)
 class LayerFamily:
     """The pure functions of one layer family (convolutions, linear maps).
@@ -46,7 +106,8 @@ class LayerFamily:
     geometry)``; ``input_grad(dY, W, input_shape, geometry)`` = dX; ``bias_grad(dY)`` = db;
     ``weight_grads[type(factors)](factors, dY, weight_shape, geometry)`` = dW from factors;
     ``batch(module, x) -> (x, added)`` adds a batch mode to an unbatched input (undone on the
-    output when ``added``).
+    output when ``added``); ``second_order`` and ``export``: what those features need of the
+    family, None when it has none (:class:`SecondOrder`, :class:`ExportKernels`).
     """
 
     name: str
@@ -57,6 +118,8 @@ class LayerFamily:
     bias_grad: Callable[[Tensor], Tensor]
     weight_grads: Mapping[type, WeightGrad]
     batch: Callable[[nn.Module, Tensor], "tuple[Tensor, bool]"] = _no_batching
+    second_order: SecondOrder | None = None
+    export: ExportKernels | None = None
 
 
 def module_params(module: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -171,3 +234,43 @@ def supported_types() -> tuple[str, ...]:
 def registered_types() -> tuple["type[nn.Module] | str", ...]:
     """Every registration key: the types, and the qualified names of types registered by name."""
     return (*_REGISTRY, *_BY_NAME)
+
+
+def registered_families() -> tuple[LayerFamily, ...]:
+    """Every family some registration runs, once each, in registration order."""
+    families: list[LayerFamily] = []
+    for registration in (*_REGISTRY.values(), *_BY_NAME.values()):
+        family = registration.family
+        if family is not None and not any(family is known for known in families):  # by identity: not hashable
+            families.append(family)
+    return tuple(families)
+
+
+def family_named(name: str) -> LayerFamily:
+    """The registered family called ``name`` ("linear", "conv"); ValueError naming the known ones."""
+    for family in registered_families():
+        if family.name == name:
+            return family
+    known = ", ".join(sorted({f.name for f in registered_families()}))
+    raise ValueError(f"no registered layer family is called {name!r}; known: {known}")
+
+
+def second_order_layers() -> str:
+    """The layer types that have second-order statistics, for messages: ``'Conv2d, Linear'``."""
+    return ", ".join(sorted({f.second_order.layers for f in registered_families() if f.second_order is not None}))
+
+
+def second_order_family(module: nn.Module, name: str, as_type: type[nn.Module] | None = None) -> LayerFamily:
+    """The family whose second-order statistics serve ``module`` (called ``name`` in its model),
+    looked up in the registry by the module's own class (or by ``as_type``: the torch class an
+    optimizer treats it as); TypeError naming the layer, its type and the supported types when
+    it has none (no registration, a family without them, or a geometry they do not cover, e.g. a
+    Conv3d)."""
+    registration = registration_for(as_type or base_type(module))
+    family = registration.family if registration is not None else None
+    if family is None or family.second_order is None or not family.second_order.supports(family.geometry(module)):
+        raise TypeError(
+            f"layer '{name}' ({base_type(module).__name__}) has no second-order statistics; "
+            f"supported: {second_order_layers()}"
+        )
+    return family

@@ -17,6 +17,15 @@ Forward keeps low-rank factors of the input x (B, C, *spatial) instead of x. Bac
 * dW from a LowRank input X_(B) ~ L R: dW = conv_weight_grad(pad(R), L^T x_B dY): k
   pseudo-samples instead of B.
 * dW from PatchMeans (Gradient Filter): see :func:`patch_weight_grad`.
+
+Second-order statistics (:class:`~actcomp.kernels.base.SecondOrder`, 2-D convolutions): the
+rows a are the im2col patches, one per sample and output location (``"expand"``), or each
+sample's patches averaged over the locations (``"reduce"``, and HyLo's per-sample rows I), the
+input channels averaged over the groups first (as SINGD does). From the factors: the padding
+map acts on the spatial factors' rows, im2col of the spatially expanded core gives the patches,
+and the per-location patch mean is, per spatial mode, a (kernel x padded size) averaging matrix
+applied to the padded factor. The export's kernels (:class:`~actcomp.kernels.base.ExportKernels`:
+dense or depthwise 2-D, integer zero padding) use forward and transposed convolutions only.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from actcomp.linalg.factors import LowRank, PatchMeans, Tucker, mode_product
-from actcomp.kernels.base import LayerFamily, register_layer
+from actcomp.kernels.base import ExportKernels, LayerFamily, SecondOrder, register_layer
+from actcomp.kernels.second_order import RowRoot, SampleFactors, check_approx, mode_size, orthonormal_mode
 from actcomp.methods.base import InputLayout
 from actcomp.methods.gradient_filter import patch_means
 
@@ -260,6 +270,147 @@ def _conv_batch(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     return x, False
 
 
+def input_grad_by_transposed_convolution(grad_out: Tensor, weight: Tensor, input_shape: torch.Size, g: ConvGeometry) -> Tensor:
+    """dX of a 2-D convolution with symmetric zero padding by ``conv_transpose2d`` (graph
+    exportable): the output padding restores the input rows and columns a stride skips."""
+    (sh, sw), ((ph, _), (pw, _)), (dh, dw) = g.stride, g.pads, g.dilation
+    kh, kw = weight.shape[2:]
+    height, width = input_shape[2:]
+    extra_h = height - ((grad_out.shape[2] - 1) * sh - 2 * ph + dh * (kh - 1) + 1)
+    extra_w = width - ((grad_out.shape[3] - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
+    return F.conv_transpose2d(grad_out, weight, None, g.stride, (ph, pw), (extra_h, extra_w), g.groups, g.dilation)
+
+
+def export_unsupported(g: ConvGeometry, weight_shape: torch.Size) -> str | None:
+    """What the export's conv kernels support, in words, when this layer is not among it (else
+    None): 2-D, integer zero padding, dense or depthwise (one input channel per group, a
+    channel multiplier allowed: weight (C_out, 1, kh, kw))."""
+    if g.dims != 2:
+        return "2-D convolutions (Conv2d)"
+    if g.padding_mode != "zeros" or isinstance(g.padding, str):
+        return "zero padding given as integers"
+    if g.groups != 1 and weight_shape[1] != 1:
+        return "dense (groups=1) or depthwise convolutions"
+    return None
+
+
+# -- second-order statistics (2-D) ------------------------------------------------------------
+
+
+def group_mean_channels(core: Tensor, u_channel: Tensor | None, groups: int) -> tuple[Tensor, Tensor | None]:
+    """The input's channels averaged over the conv's groups (channel c of group g is channel
+    g * C/groups + c): on the channel factor's rows, or on the core when the mode has none."""
+    if groups == 1:
+        return core, u_channel
+    if u_channel is not None:
+        return core, u_channel.reshape(groups, -1, u_channel.shape[1]).mean(0)
+    shape = core.shape
+    return core.reshape(shape[0], groups, shape[1] // groups, *shape[2:]).mean(1), None
+
+
+def padded_factor(u: Tensor | None, size: int, pad: tuple[int, int], pad_mode: str, like: Tensor) -> Tensor:
+    """P u: one spatial mode's padding map applied to the factor's rows (the identity's rows
+    when the mode has no factor), (size + pads) x K."""
+    if u is None:
+        u = torch.eye(size, dtype=like.dtype, device=like.device)
+    return _pad_rows(u, pad, pad_mode)
+
+
+def output_size(padded: int, kernel: int, stride: int, dilation: int) -> int:
+    """The number of output locations of one spatial mode of a convolution."""
+    return (padded - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def patch_mean_matrix(padded: int, kernel: int, stride: int, dilation: int, like: Tensor) -> Tensor:
+    """M (kernel x padded): row k averages, over the output locations o, the padded input's
+    entry s*o + d*k that tap k of the kernel reads there."""
+    locations = output_size(padded, kernel, stride, dilation)
+    taps = torch.arange(kernel, device=like.device).unsqueeze(1) * dilation
+    read = taps + torch.arange(locations, device=like.device).unsqueeze(0) * stride  # (kernel, locations)
+    m = like.new_zeros(kernel, padded)
+    m.scatter_add_(1, read, like.new_full(read.shape, 1.0 / locations))
+    return m
+
+
+def conv2d_parts(factors: Tucker | LowRank, geometry: ConvGeometry) -> tuple[Tensor, Tensor | None, Tensor | None, list[Tensor]]:
+    """(core, batch factor, group-averaged channel factor, padded spatial factors) of a Conv2d input."""
+    if geometry.dims != 2:
+        raise TypeError(f"second-order statistics are implemented for Conv2d and Linear, got a {geometry.dims}-d convolution")
+    core, (u_batch, u_channel, *u_spatial) = factors.tucker_view()
+    core, u_channel = group_mean_channels(core, u_channel, geometry.groups)
+    padded = [
+        padded_factor(u, mode_size(core, u, 2 + i), geometry.pads[i], geometry.pad_mode, core)
+        for i, u in enumerate(u_spatial)
+    ]
+    return core, u_batch, u_channel, padded
+
+
+def conv2d_patch_means(
+    core: Tensor, u_channel: Tensor | None, padded: list[Tensor], geometry: ConvGeometry, weight_shape: torch.Size
+) -> Tensor:
+    """Each (pseudo-)sample's patches averaged over the output locations, (K_B x C/groups*k1*k2),
+    from the core with its batch mode left as it is: x = S x_C U_C x_i (M_i P_i U_i)."""
+    x = core if u_channel is None else mode_product(core, u_channel, 1)
+    for i, p in enumerate(padded):
+        m = patch_mean_matrix(p.shape[0], weight_shape[2 + i], geometry.stride[i], geometry.dilation[i], p)
+        x = mode_product(x, m @ p, 2 + i)
+    return x.reshape(x.shape[0], -1)
+
+
+def conv2d_rows(factors: Tucker | LowRank, geometry: ConvGeometry, weight_shape: torch.Size, approx: str = "expand") -> RowRoot:
+    """The rows a of a Conv2d input as P Y: im2col patches, one row per sample and output
+    location (``"expand"``: P = Q_B (x) I_locations), or per sample the patches averaged over
+    the locations (``"reduce"``: P = Q_B); channels averaged over the groups in both."""
+    check_approx(approx)
+    core, u_batch, u_channel, padded = conv2d_parts(factors, geometry)
+    batch = mode_size(core, u_batch, 0)
+    core, q_ones = orthonormal_mode(core, u_batch, 0)
+    if approx == "reduce":
+        return RowRoot(conv2d_patch_means(core, u_channel, padded, geometry, weight_shape), q_ones, batch)
+    xs = core
+    for i, p in enumerate(padded):
+        xs = mode_product(xs, p, 2 + i)
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    cols = F.unfold(xs.contiguous(), kernel, dilation=geometry.dilation, padding=0, stride=geometry.stride)
+    rank, channels, locations = xs.shape[0], xs.shape[1], cols.shape[2]
+    cols = cols.reshape(rank, channels, -1, locations).permute(0, 3, 1, 2)  # (K_B, L, K_C, taps)
+    if u_channel is not None:
+        cols = torch.einsum("blkt,ck->blct", cols, u_channel)
+    y = cols.reshape(rank * locations, -1)
+    ones = torch.kron(q_ones, q_ones.new_ones(locations))
+    return RowRoot(y, ones, batch * locations)
+
+
+def conv2d_samples(factors: Tucker | LowRank, geometry: ConvGeometry, weight_shape: torch.Size) -> SampleFactors:
+    """I = L R of a Conv2d input: sample j's patches averaged over the output locations,
+    L = U_B, R = the patch means of the core (:func:`conv2d_patch_means`)."""
+    core, u_batch, u_channel, padded = conv2d_parts(factors, geometry)
+    right = conv2d_patch_means(core, u_channel, padded, geometry, weight_shape)
+    if u_batch is None:
+        return SampleFactors(right)
+    return SampleFactors(u_batch, right)
+
+
+def conv2d_input_samples(x: Tensor, geometry: ConvGeometry, weight_shape: torch.Size) -> SampleFactors:
+    """I of a plain Conv2d input x, in full: each sample's patches averaged over the output
+    locations (padding and group averaging as for the factors)."""
+    if geometry.dims != 2:
+        raise TypeError(f"HyLo is implemented for Conv2d and Linear, got a {geometry.dims}-d convolution")
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    x, _ = group_mean_channels(x, None, geometry.groups)
+    x = F.pad(x, geometry.reversed_pads, mode=geometry.pad_mode)
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    return SampleFactors(F.unfold(x, kernel, dilation=geometry.dilation, stride=geometry.stride).mean(2))
+
+
+def conv_output_samples(grad_out: Tensor) -> tuple[Tensor, int]:
+    """(G, B): dY averaged over the output locations, one row per sample, and the batch size."""
+    if grad_out.ndim == 3:  # an unbatched input
+        grad_out = grad_out.unsqueeze(0)
+    return grad_out.flatten(2).mean(2), grad_out.shape[0]
+
+
 CONV = LayerFamily(
     name="conv",
     geometry=lambda module: ConvGeometry.of(module),
@@ -269,6 +420,21 @@ CONV = LayerFamily(
     bias_grad=conv_bias_grad,
     weight_grads={Tucker: tucker_weight_grad, LowRank: lowrank_weight_grad, PatchMeans: patch_weight_grad},
     batch=_conv_batch,
+    second_order=SecondOrder(
+        layers="Conv2d",
+        kfac_rows=conv2d_rows,
+        factor_samples=conv2d_samples,
+        input_samples=conv2d_input_samples,
+        output_samples=conv_output_samples,
+        supports=lambda g: g.dims == 2,
+    ),
+    export=ExportKernels(
+        layers="Conv2d",
+        forward=lambda x, weight, bias, g: g.conv(x, weight, bias),
+        input_grad=input_grad_by_transposed_convolution,
+        weight_grads={Tucker: tucker_weight_grad_by_convolution},
+        unsupported=export_unsupported,
+    ),
 )
 
 register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d, family=CONV)

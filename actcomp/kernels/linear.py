@@ -9,6 +9,13 @@ For an input X of shape (N_1, ..., N_m, C) and output gradient dY (N_1, ..., N_m
   dW = G_(C_out) S_(C)^T U_C^T, i.e. (C_out x K_C) @ (K_C x C). X is never rebuilt.
 * LowRank over the row unfolding X_rows (N_1...N_m x C) ~ L R (rank k):
   dW = (dY_rows^T L) R, i.e. (C_out x k) @ (k x C).
+
+Second-order statistics (:class:`~actcomp.kernels.base.SecondOrder`): the rows a of the input
+are its leading indices (``"expand"``: P = Q_1 (x) ... (x) Q_m from the orthonormalised leading
+factors, Y = S_rows U_C^T with the triangular parts folded into S), or per sample the mean over
+the leading modes after the batch (``"reduce"``); HyLo's per-sample rows I = L R with
+L = U_1 (x) ... (x) U_m (identity where a mode has no factor), R = S_rows U_C^T; G = rows of dY.
+The export's kernels are the same matrix products (LowRank rows only).
 """
 
 from __future__ import annotations
@@ -18,7 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from actcomp.linalg.factors import LowRank, Tucker, mode_product
-from actcomp.kernels.base import LayerFamily, register_layer
+from actcomp.kernels.base import ExportKernels, LayerFamily, SecondOrder, register_layer
+from actcomp.kernels.second_order import (
+    RowRoot,
+    SampleFactors,
+    check_approx,
+    kron_matrices,
+    kron_vectors,
+    mean_mode,
+    mode_size,
+    orthonormal_mode,
+)
 from actcomp.methods.base import InputLayout
 
 
@@ -67,6 +84,57 @@ def linear_bias_grad(grad_out: Tensor) -> Tensor:
     return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
 
 
+def linear_rows(factors: Tucker | LowRank, approx: str = "expand") -> RowRoot:
+    """The rows a of a Linear layer's input (..., C) as P Y: every leading mode a row
+    (``"expand"``), or per sample the mean over the leading modes after the batch
+    (``"reduce"``). P = Q_1 (x) ... (x) Q_m (U_i = Q_i R_i), Y = (S x_i R_i)_rows U_C^T."""
+    check_approx(approx)
+    core, factors_ = factors.tucker_view()
+    *leading, u_channel = factors_
+    if approx == "reduce":
+        for mode in range(1, len(leading)):
+            core = mean_mode(core, leading[mode], mode)
+            leading[mode] = None
+    rows, ones = 1, []
+    for mode, u in enumerate(leading):
+        rows *= mode_size(core, u, mode)
+        core, q_ones = orthonormal_mode(core, u, mode)
+        ones.append(q_ones)
+    core_rows = core.reshape(-1, core.shape[-1])
+    y = core_rows if u_channel is None else core_rows @ u_channel.T
+    return RowRoot(y, kron_vectors(ones), rows)
+
+
+def linear_samples(factors: Tucker | LowRank) -> SampleFactors:
+    """I = L R of a Linear input (..., C), one row per leading index:
+    L = U_1 (x) ... (x) U_m (identity where a mode has no factor), R = S_rows U_C^T."""
+    core, factors_ = factors.tucker_view()
+    *leading, u_channel = factors_
+    lefts = [
+        u if u is not None else torch.eye(int(core.shape[mode]), dtype=core.dtype, device=core.device)
+        for mode, u in enumerate(leading)
+    ]
+    core_rows = core.reshape(-1, core.shape[-1])
+    right = core_rows if u_channel is None else core_rows @ u_channel.T
+    return SampleFactors(kron_matrices(lefts), right)
+
+
+def linear_input_samples(x: Tensor, geometry: None = None, weight_shape: torch.Size | None = None) -> SampleFactors:
+    """I of a plain Linear input x (..., C): its rows, in full."""
+    return SampleFactors(x.reshape(-1, x.shape[-1]))
+
+
+def linear_output_samples(grad_out: Tensor) -> tuple[Tensor, int]:
+    """(G, B): the rows of dY (n x C_out) and the batch size (1 for an unbatched input)."""
+    return grad_out.reshape(-1, grad_out.shape[-1]), (grad_out.shape[0] if grad_out.ndim > 1 else 1)
+
+
+def linear_export_forward(x: Tensor, weight: Tensor, bias: Tensor | None, geometry: None = None) -> Tensor:
+    """y = x W^T + b with a matmul and an add (graph-exportable)."""
+    out = x @ weight.T
+    return out + bias if bias is not None else out
+
+
 LINEAR = LayerFamily(
     name="linear",
     geometry=lambda module: None,
@@ -75,6 +143,19 @@ LINEAR = LayerFamily(
     input_grad=linear_input_grad,
     bias_grad=linear_bias_grad,
     weight_grads={Tucker: tucker_weight_grad, LowRank: lowrank_weight_grad},
+    second_order=SecondOrder(
+        layers="Linear",
+        kfac_rows=lambda factors, geometry, weight_shape, approx: linear_rows(factors, approx),
+        factor_samples=lambda factors, geometry, weight_shape: linear_samples(factors),
+        input_samples=linear_input_samples,
+        output_samples=linear_output_samples,
+    ),
+    export=ExportKernels(
+        layers="Linear",
+        forward=linear_export_forward,
+        input_grad=linear_input_grad,
+        weight_grads={LowRank: lowrank_weight_grad},
+    ),
 )
 
 register_layer(nn.Linear, family=LINEAR)

@@ -44,6 +44,18 @@ class _Parts:
         """Bytes held by the stored tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    #: Why :meth:`tucker_view` is refused, for a factor type that does not determine the input.
+    no_tucker_view = "it does not determine the input"
+
+    def tucker_view(self) -> tuple[Tensor, list[Tensor | None]]:
+        """The factorisation as X = S x_0 U_0 x_1 U_1 ...: the core S and one factor per mode,
+        None where the mode is stored in full (what second-order statistics are built from).
+        TypeError for a factor type that does not determine the input."""
+        raise TypeError(
+            f"second-order statistics need Tucker or LowRank factors of the input, got {type(self).__name__} "
+            f"({self.no_tucker_view}): compress this layer with hosvd, asi or svd, or leave it out of the optimizer"
+        )
+
 
 @dataclass(frozen=True)
 class LowRank(_Parts):
@@ -73,6 +85,11 @@ class LowRank(_Parts):
     def from_tensors(cls, tensors: tuple[Tensor, ...], **meta: object) -> "LowRank":
         left, right = tensors
         return cls(left, right)
+
+    def tucker_view(self) -> tuple[Tensor, list[Tensor | None]]:
+        """X = R x_0 L: the core ``right`` with ``left`` on the first mode, the other modes
+        stored in full (None)."""
+        return self.right, [self.left, *([None] * (self.right.ndim - 1))]
 
     def reconstruct(self) -> Tensor:
         """``left @ right`` reshaped to the original tensor's shape."""
@@ -110,6 +127,10 @@ class Tucker(_Parts):
     def from_tensors(cls, tensors: tuple[Tensor, ...], **meta: object) -> "Tucker":
         return cls(tensors[0], tuple(tensors[1:]))
 
+    def tucker_view(self) -> tuple[Tensor, list[Tensor | None]]:
+        """(core, [U_0, U_1, ...]): every mode has a factor."""
+        return self.core, list(self.factors)
+
     def reconstruct(self) -> Tensor:
         """``core x_0 U_0 x_1 U_1 ...``: the tensor the factors stand for."""
         # Mode by mode, always contracting the first axis and appending the new one last
@@ -136,6 +157,8 @@ class PatchMeans(_Parts):
 
     means: Tensor
     region: tuple[int, ...]
+
+    no_tucker_view = "gradient_filter keeps patch means, which do not determine the input"
 
     @property
     def shape(self) -> torch.Size:

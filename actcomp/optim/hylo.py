@@ -40,9 +40,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from actcomp.kernels.conv import ConvGeometry
+from actcomp.kernels.base import LayerFamily, base_type, registration_for, second_order_family
 from actcomp.optim.capture import LayerTap
-from actcomp.optim.samples import SampleFactors, factor_samples, input_samples, output_samples
+from actcomp.optim.samples import SampleFactors, factor_samples, output_samples
 from actcomp.core.state import BackwardRecord
 
 MODES = ("kid", "kis", "hybrid")
@@ -223,7 +223,19 @@ class HyLo(torch.optim.Optimizer):
             for name, module in model.named_modules()
             if isinstance(module, self.SUPPORTED_MODULES) and id(module.weight) in trained
         }
+        self.families: dict[nn.Module, LayerFamily] = {
+            module: self._family(module, name) for module, name in self.module_names.items()
+        }
         self.hook_handles = [LayerTap(module, self._capture_factors, self._capture_plain) for module in self.module_names]
+
+    def _family(self, module: nn.Module, name: str) -> LayerFamily:
+        """The registry's family of a managed layer, whose second-order statistics give I and G:
+        its own class's, or, for a subclass the registry does not run (it overrides forward and
+        runs plain autograd), that of the torch class among :attr:`SUPPORTED_MODULES` it is."""
+        as_type = None
+        if registration_for(base_type(module)) is None:
+            as_type = next(t for t in self.SUPPORTED_MODULES if isinstance(module, t))
+        return second_order_family(module, name, as_type)
 
     def remove_hooks(self) -> None:
         """Detach every hook and observer this optimizer installed on the model."""
@@ -242,11 +254,11 @@ class HyLo(torch.optim.Optimizer):
             return
         try:
             samples = factor_samples(
-                record.family, record.factors.to(module.weight.dtype), record.geometry, record.weight_shape, module.bias is not None
+                self.families[module], record.factors.to(module.weight.dtype), record.geometry, record.weight_shape, module.bias is not None
             )
         except TypeError as error:
             raise TypeError(f"HyLo, {record.state.describe()}: {error}") from None
-        grads = output_samples(record.grad_out.detach().to(module.weight.dtype), record.family, self.batch_averaged)
+        grads = output_samples(record.grad_out.detach().to(module.weight.dtype), self.families[module], self.batch_averaged)
         self._captured[self.module_names[module]] = _Captured(samples, grads)
 
     def _capture_plain(self, module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -254,14 +266,16 @@ class HyLo(torch.optim.Optimizer):
         output's gradient in backward."""
         if not (self._refresh_due() and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
-        geometry = ConvGeometry.of(module) if isinstance(module, nn.Conv2d) else None
+        family = self.families[module]
+        assert family.second_order is not None
         with torch.no_grad():
-            samples = input_samples(inputs[0].detach().to(module.weight.dtype), geometry, module.weight.shape, module.bias is not None)
+            samples = family.second_order.input_samples(inputs[0].detach().to(module.weight.dtype), family.geometry(module), module.weight.shape)
+            if module.bias is not None:
+                samples = samples.with_ones()
         output.register_hook(partial(self._capture_plain_grad, module, samples))
 
     def _capture_plain_grad(self, module: nn.Module, samples: SampleFactors, grad: Tensor) -> None:
-        family = "conv" if isinstance(module, nn.Conv2d) else "linear"
-        grads = output_samples(grad.detach().to(module.weight.dtype), family, self.batch_averaged)
+        grads = output_samples(grad.detach().to(module.weight.dtype), self.families[module], self.batch_averaged)
         self._captured[self.module_names[module]] = _Captured(samples, grads)
 
     # -- step -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from actcomp.kernels.base import second_order_family
 from actcomp.optim.capture import LayerTap
 from actcomp.optim.roots import kfac_root
 from actcomp.core.state import BackwardRecord
@@ -108,9 +109,10 @@ class SINGD(_StockSINGD):
         kfac_approx = self._get_param_group_entry(module, "kfac_approx")
         loss_average = self._get_param_group_entry(module, "loss_average")
         (dtype_k, dtype_c), _ = self._get_preconditioner_dtypes_and_device(module)
+        family = second_order_family(module, self.module_names[module])  # the registry's, or TypeError naming the layer
         try:
             root = kfac_root(
-                record.family, record.factors.to(dtype_k), record.geometry, record.weight_shape,
+                family, record.factors.to(dtype_k), record.geometry, record.weight_shape,
                 module.bias is not None, kfac_approx,
             )
         except TypeError as error:

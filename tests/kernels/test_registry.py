@@ -84,3 +84,36 @@ def test_type_registered_by_qualified_name(private_registry):
 def test_bad_registrations_are_refused(private_registry, bad, error):
     with pytest.raises(error):
         actcomp.register_layer(bad, family=LINEAR)
+
+
+@pytest.mark.parametrize(
+    "layer, type_name",
+    [(nn.Conv3d(2, 3, 3), "Conv3d"), (nn.LayerNorm(4), "LayerNorm"), (OverridesForward(4, 2), "OverridesForward")],
+    ids=["geometry-not-covered", "unregistered", "overrides-forward"],
+)
+def test_second_order_family_names_the_layer_its_type_and_what_is_supported(layer, type_name):
+    from actcomp.kernels.base import second_order_family
+
+    message = f"layer 'blocks.0.conv' ({type_name}) has no second-order statistics; supported: Conv2d, Linear"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        second_order_family(layer, "blocks.0.conv")
+
+
+def test_second_order_family_is_the_registrys_also_for_compressed_layers():
+    from actcomp.kernels.base import second_order_family
+    from actcomp.kernels.conv import CONV
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), KeepsForward(3, 2))
+    actcomp.compress(model, "all")
+    assert second_order_family(model[0], "0") is CONV
+    assert second_order_family(model[1], "1") is LINEAR
+
+
+def test_families_are_found_by_name_and_listed_once():
+    from actcomp.kernels.base import family_named, registered_families
+
+    families = registered_families()
+    assert len({id(f) for f in families}) == len(families)
+    assert family_named("linear") is LINEAR
+    with pytest.raises(ValueError, match="no registered layer family is called 'rnn'"):
+        family_named("rnn")

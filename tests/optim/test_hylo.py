@@ -224,3 +224,21 @@ def test_bad_settings_are_refused():
     for kwargs, message in [(dict(mode="fast"), "mode"), (dict(rank_ratio=0), "rank_ratio"), (dict(damping=0), "damping"), (dict(update_freq=0), "update_freq")]:
         with pytest.raises(ValueError, match=message):
             HyLo(model, **kwargs)
+
+
+def test_managed_layers_take_their_family_from_the_registry():
+    """Each managed layer's statistics come from its registry family; a Linear subclass that
+    overrides forward (not run by the registry) is still managed as the Linear it is."""
+    from actcomp.kernels.conv import CONV
+    from actcomp.kernels.linear import LINEAR
+
+    class Doubled(nn.Linear):
+        def forward(self, input):  # noqa: A002
+            return super().forward(input) * 2
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), Doubled(4 * 4 * 4, 2))
+    optimizer = HyLo(model, update_freq=1)
+    assert optimizer.families == {model[0]: CONV, model[2]: LINEAR}
+    train(model, torch.randn(2, 3, 6, 6), torch.tensor([0, 1]), optimizer, 1)
+    assert set(optimizer.preconditioners) == {"0", "2"}
+    optimizer.remove_hooks()

@@ -74,3 +74,36 @@ def test_patch_mean_matrix_counts_each_location_once():
 def test_patch_means_are_refused_by_name():
     with pytest.raises(TypeError, match="gradient_filter keeps patch means"):
         kfac_root("linear", PatchMeans(torch.zeros(2, 3, 1, 1), (2, 2)), None, torch.Size((4, 3)), False)
+
+
+def test_kfac_root_asks_the_registry_for_the_family():
+    """The family object and its registered name give the same root."""
+    from actcomp.kernels.linear import LINEAR
+
+    factors = PRODUCERS["hosvd"](torch.randn(4, 3, 6, dtype=DT))
+    by_name = kfac_root("linear", factors, None, torch.Size((5, 6)), True)
+    torch.testing.assert_close(kfac_root(LINEAR, factors, None, torch.Size((5, 6)), True), by_name, rtol=0, atol=0)
+
+
+def test_family_without_second_order_statistics_is_refused_with_what_is_supported():
+    import dataclasses
+
+    from actcomp.kernels.linear import LINEAR
+
+    plain = dataclasses.replace(LINEAR, name="plain", second_order=None)
+    factors = PRODUCERS["hosvd"](torch.randn(4, 6, dtype=DT))
+    with pytest.raises(TypeError, match="the plain family has no second-order statistics; supported: Conv2d, Linear"):
+        kfac_root(plain, factors, None, torch.Size((5, 6)), False)
+
+
+def test_conv3d_geometry_is_refused_with_what_is_supported():
+    layer = nn.Conv3d(2, 3, 3, padding=1).to(DT)
+    factors = PRODUCERS["hosvd"](torch.randn(2, 2, 5, 5, 5, dtype=DT))
+    with pytest.raises(TypeError, match="conv layer's geometry has no second-order statistics; supported: Conv2d, Linear"):
+        kfac_root("conv", factors, ConvGeometry.of(layer), layer.weight.shape, True)
+
+
+def test_unknown_family_name_is_refused_with_the_known_names():
+    factors = PRODUCERS["hosvd"](torch.randn(4, 6, dtype=DT))
+    with pytest.raises(ValueError, match="no registered layer family is called 'rnn'; known: .*conv, linear"):
+        kfac_root("rnn", factors, None, torch.Size((5, 6)), False)

@@ -64,3 +64,29 @@ def test_output_samples_scale_by_batch():
     torch.testing.assert_close(output_samples(g, "conv"), 4 * g.mean((2, 3)))
     torch.testing.assert_close(output_samples(g[..., 0, 0], "linear", batch_averaged=False), g[..., 0, 0])
     torch.testing.assert_close(output_samples(g[:, :, :, 0].transpose(1, 2), "linear"), 4 * g[:, :, :, 0].transpose(1, 2).reshape(-1, 3))
+
+
+def test_samples_take_the_family_object_or_its_name():
+    from actcomp.kernels.conv import CONV
+    from actcomp.kernels.linear import LINEAR
+
+    g = torch.randn(4, 3, 5, 5, dtype=DT)
+    torch.testing.assert_close(output_samples(g, CONV), output_samples(g, "conv"), rtol=0, atol=0)
+    factors = PRODUCERS["svd"](torch.randn(9, 6, dtype=DT))
+    by_object = factor_samples(LINEAR, factors, None, torch.Size((5, 6)), True).reconstruct()
+    torch.testing.assert_close(by_object, factor_samples("linear", factors, None, torch.Size((5, 6)), True).reconstruct(), rtol=0, atol=0)
+
+
+def test_samples_of_a_family_without_second_order_statistics_are_refused():
+    import dataclasses
+
+    from actcomp.kernels.linear import LINEAR
+
+    plain = dataclasses.replace(LINEAR, name="plain", second_order=None)
+    with pytest.raises(TypeError, match="the plain family has no second-order statistics; supported: Conv2d, Linear"):
+        output_samples(torch.randn(4, 3, dtype=DT), plain)
+    with pytest.raises(TypeError, match="the plain family has no second-order statistics"):
+        factor_samples(plain, PRODUCERS["svd"](torch.randn(9, 6, dtype=DT)), None, torch.Size((5, 6)), False)
+    layer = nn.Conv3d(2, 3, 3)
+    with pytest.raises(TypeError, match="conv layer's geometry has no second-order statistics"):
+        factor_samples("conv", PRODUCERS["hosvd"](torch.randn(2, 2, 5, 5, 5, dtype=DT)), ConvGeometry.of(layer), layer.weight.shape, False)
