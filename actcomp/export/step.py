@@ -18,6 +18,13 @@ and dilation swapped); dX is exact from the weight (conv_transpose2d). Dense and
 convolutions with integer zero padding are supported; anything else trainable raises
 ValueError naming the layer.
 
+The step's kernels come from the layer registry: a trainable layer's family
+(:func:`actcomp.kernels.registration_for`) must carry :class:`actcomp.kernels.ExportKernels`
+(forward, dX and dW per factor type with exportable ops, and what geometry it supports); the
+export keeps the first of its static factor types (rows LowRank, Tucker) that the family's
+exported dW takes. A family without them, or without an exported dW for those factor types, is
+refused with the layer's name.
+
 The graph is traced with make_fx (which records the custom backward; the backward ops of
 frozen pooling layers are decomposed into forward ops) and exported with the torch.export-based
 exporter; onnxruntime then runs it on the example batch and every output is compared with the
@@ -30,6 +37,7 @@ import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,32 +47,7 @@ from torch import Tensor, nn
 from actcomp.export.verify import check_against_eager, strip_metadata
 from actcomp.linalg.factors import LowRank, Tucker, mode_product
 from actcomp.attach.swap import restore
-from actcomp.kernels import base_type
-from actcomp.kernels.conv import ConvGeometry, conv_bias_grad, tucker_weight_grad_by_convolution
-from actcomp.kernels.linear import linear_bias_grad
-from actcomp.kernels.linear import lowrank_weight_grad as linear_lowrank_weight_grad
-
-
-class _LowRankLinear(torch.autograd.Function):
-    """x W^T + b that keeps L = x V and V (static rank) for dW = (dY^T L) V^T."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, basis: Tensor) -> Tensor:
-        out = x @ weight.T
-        return out + bias if bias is not None else out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, basis = inputs
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight, x @ basis, basis)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        weight, left, basis = ctx.saved_tensors
-        grad_b = linear_bias_grad(grad_out) if ctx.has_bias else None
-        grad_w = linear_lowrank_weight_grad(LowRank(left, basis.T), grad_out)  # the runtime kernel's dW
-        return grad_out @ weight, grad_w, grad_b, None
+from actcomp.kernels.base import ExportKernels, LayerFamily, base_type, module_params, registered_families, registration_for
 
 
 def subspace_step(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -104,77 +87,168 @@ def subspace_step(x: Tensor, previous: Tensor, eps: float) -> tuple[Tensor, Tens
     return basis.to(dtype), (basis * mask).to(dtype)
 
 
-def _check_conv(name: str, conv: nn.Conv2d) -> None:
-    why = None
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        why = "zero padding given as integers"
-    elif not (conv.groups == 1 or conv.groups == conv.in_channels):
-        why = "dense (groups=1) or depthwise convolutions"
-    if why:
-        raise ValueError(f"layer '{name}' (Conv2d) is trainable; the training-step export supports {why}: freeze it (requires_grad_(False))")
-
-
-def _trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    layers = []
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        kind = base_type(module)
-        if kind is nn.Conv2d:
-            _check_conv(name, module)
-        elif kind is not nn.Linear:
-            raise ValueError(
-                f"layer '{name}' ({kind.__name__}) is trainable; the training-step export "
-                "supports trainable Linear and Conv2d layers only: freeze it (requires_grad_(False))"
-            )
-        layers.append((name, module))
-    if not layers:
-        raise ValueError("the model has no trainable parameter: unfreeze the Linear or Conv2d layers to fine-tune")
-    return layers
-
-
 def _mode_rows(x: Tensor, mode: int) -> Tensor:
     """The transposed mode-n unfolding X_(n)^T (rest x I_n): its rows are the mode's fibres."""
     return x.movedim(mode, -1).reshape(-1, x.shape[mode])
 
 
-class _TuckerConv2d(torch.autograd.Function):
-    """conv2d that keeps a Tucker factorisation (static ranks, masked factors) of its input.
+class _RowSubspace:
+    """The export's static LowRank of a layer's input rows X_rows (N x C) ~ (X V) V^T: the
+    basis V (C x K) of the features is carried between steps, one warm-started subspace
+    iteration step per step, columns beyond the eps rank masked."""
 
-    Backward, all with exportable ops: dX by conv_transpose2d; dW from the factors by the conv
-    kernel's convolution-only route (:func:`actcomp.kernels.conv.tucker_weight_grad_by_convolution`).
+    factor_type = LowRank
+    needs_batch_start = False
+
+    @staticmethod
+    def carried(input_shape: tuple[int, ...]) -> list[tuple[str, int]]:
+        """(name suffix, size) of each carried subspace: the features."""
+        return [("", input_shape[-1])]
+
+    @staticmethod
+    def factors(x: Tensor, parts: tuple[Tensor, ...]) -> LowRank:
+        (basis,) = parts
+        return LowRank(x @ basis, basis.T)
+
+    @staticmethod
+    def run(inp: Tensor, previous: list[Tensor], batch_start: Tensor | None, eps: float, new_bases: list[Tensor], apply: Callable[..., Tensor]) -> Tensor:
+        rows = inp.reshape(-1, inp.shape[-1])
+        basis, masked = subspace_step(rows.detach(), previous[0], eps)
+        new_bases.append(basis)
+        out = apply(rows, masked)
+        return out.reshape(*inp.shape[:-1], out.shape[-1])
+
+
+class _TuckerSubspaces:
+    """The export's static Tucker of a layer's input (B, C, H, W): the channel and spatial
+    subspaces are carried between steps, the batch mode's is never carried (two iterations from
+    a fixed start every step); core = X x_n U_n^T."""
+
+    factor_type = Tucker
+    needs_batch_start = True
+
+    @staticmethod
+    def carried(input_shape: tuple[int, ...]) -> list[tuple[str, int]]:
+        """(name suffix, size) of each carried subspace: ``.c``, ``.h``, ``.w`` for (B, C, H, W)."""
+        sizes = input_shape[1:]
+        labels = ("c", "h", "w") if len(sizes) == 3 else tuple(f"mode{m}" for m in range(1, len(input_shape)))
+        return [(f".{label}", size) for label, size in zip(labels, sizes)]
+
+    @staticmethod
+    def factors(x: Tensor, parts: tuple[Tensor, ...]) -> Tucker:
+        core = x
+        for mode, u in enumerate(parts):
+            core = mode_product(core, u.T, mode)
+        return Tucker(core, tuple(parts))
+
+    @staticmethod
+    def run(inp: Tensor, previous: list[Tensor], batch_start: Tensor | None, eps: float, new_bases: list[Tensor], apply: Callable[..., Tensor]) -> Tensor:
+        assert batch_start is not None
+        data = inp.detach()
+        batch, _ = subspace_step(_mode_rows(data, 0), batch_start, eps)
+        _, u_b = subspace_step(_mode_rows(data, 0), batch, eps)  # two steps: never carried
+        factors = []
+        for mode, start in zip(range(1, data.ndim), previous):
+            basis, masked = subspace_step(_mode_rows(data, mode), start, eps)
+            new_bases.append(basis)
+            factors.append(masked)
+        return apply(inp, u_b, *factors)
+
+
+# The factor types the export can keep with static ranks, each with how it computes them; a
+# family names in ``export.weight_grads`` which of them its exported dW takes.
+_STATIC_FACTORS: tuple[type, ...] = (_RowSubspace, _TuckerSubspaces)
+
+
+@dataclass(frozen=True, eq=False)
+class _ExportCall:
+    """The non-tensor arguments of one exported layer call."""
+
+    family: LayerFamily
+    kernels: ExportKernels
+    geometry: Any
+    method: Any  # _RowSubspace or _TuckerSubspaces
+
+
+class _ExportedLayer(torch.autograd.Function):
+    """The family's exportable forward, keeping static factors of x (not x) for dW.
+
+    Backward, all with exportable ops: dX and dW from the family's export kernels
+    (:class:`actcomp.kernels.ExportKernels`: the runtime kernel's math, e.g. the conv kernel's
+    convolution-only route, tested equal to the runtime's), db the family's.
     """
 
     @staticmethod
-    def forward(x, weight, bias, u_b, u_c, u_h, u_w, geometry):  # type: ignore[override]
-        return geometry.conv(x, weight, bias)
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, call: _ExportCall, *parts: Tensor) -> Tensor:  # type: ignore[override]
+        return call.kernels.forward(x, weight, bias, call.geometry)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, u_b, u_c, u_h, u_w, geometry = inputs
-        core = x
-        for mode, u in enumerate((u_b, u_c, u_h, u_w)):
-            core = mode_product(core, u.T, mode)
-        ctx.geometry, ctx.input_shape, ctx.has_bias = geometry, x.shape, bias is not None
-        ctx.save_for_backward(weight, core, u_b, u_c, u_h, u_w)
+        x, weight, bias, call, *parts = inputs
+        factors = call.method.factors(x, tuple(parts))
+        ctx.call, ctx.input_shape, ctx.has_bias, ctx.parts = call, x.shape, bias is not None, len(parts)
+        ctx.save_for_backward(weight, *factors.tensors())
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        weight, core, u_b, u_c, u_h, u_w = ctx.saved_tensors
-        g = ctx.geometry
-        (sh, sw), ((ph, _), (pw, _)), (dh, dw) = g.stride, g.pads, g.dilation
-        kh, kw = weight.shape[2:]
-        height, width = ctx.input_shape[2:]
-        extra_h = height - ((grad_out.shape[2] - 1) * sh - 2 * ph + dh * (kh - 1) + 1)
-        extra_w = width - ((grad_out.shape[3] - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
-        grad_x = torch.nn.functional.conv_transpose2d(
-            grad_out, weight, None, g.stride, (ph, pw), (extra_h, extra_w), g.groups, g.dilation
-        )
-        # the runtime kernel's dW, in its convolution-only form (tested equal to the runtime's)
-        grad_w = tucker_weight_grad_by_convolution(Tucker(core, (u_b, u_c, u_h, u_w)), grad_out, weight.shape, g)
-        grad_b = conv_bias_grad(grad_out) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        weight, *saved = ctx.saved_tensors
+        call: _ExportCall = ctx.call
+        factor_type = call.method.factor_type
+        factors = factor_type.from_tensors(tuple(saved))
+        grad_x = call.kernels.input_grad(grad_out, weight, ctx.input_shape, call.geometry)
+        grad_w = call.kernels.weight_grads[factor_type](factors, grad_out, weight.shape, call.geometry)
+        grad_b = call.family.bias_grad(grad_out) if ctx.has_bias else None
+        return (grad_x, grad_w, grad_b, None, *([None] * ctx.parts))
+
+
+@dataclass(frozen=True)
+class _TrainableLayer:
+    """A trainable layer of the step and how the export runs it."""
+
+    name: str
+    module: nn.Module
+    call: _ExportCall
+
+
+def _export_layers() -> str:
+    return " and ".join(sorted({f.export.layers for f in registered_families() if f.export is not None}))
+
+
+def _refuse(name: str, module: nn.Module, why: str) -> ValueError:
+    return ValueError(
+        f"layer '{name}' ({base_type(module).__name__}) is trainable; the training-step export {why}: "
+        "freeze it (requires_grad_(False))"
+    )
+
+
+def _export_call(name: str, module: nn.Module) -> _ExportCall:
+    """How the export runs a trainable layer, from the registry: its family's export kernels
+    and the first static factor type their dW takes; ValueError naming the layer otherwise."""
+    registration = registration_for(base_type(module))
+    family = registration.family if registration is not None else None
+    if family is None or family.export is None or registration.params is not module_params:
+        raise _refuse(name, module, f"supports trainable {_export_layers()} layers only")
+    geometry = family.geometry(module)
+    why = family.export.unsupported(geometry, module.weight.shape)
+    if why is not None:
+        raise _refuse(name, module, f"supports {why}")
+    method = next((m for m in _STATIC_FACTORS if m.factor_type in family.export.weight_grads), None)
+    if method is None:
+        kept = ", ".join(m.factor_type.__name__ for m in _STATIC_FACTORS)
+        raise _refuse(name, module, f"keeps {kept} factors, for which the {family.name} family has no exportable weight gradient")
+    return _ExportCall(family, family.export, geometry, method)
+
+
+def _trainable_layers(model: nn.Module) -> list[_TrainableLayer]:
+    layers = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        layers.append(_TrainableLayer(name, module, _export_call(name, module)))
+    if not layers:
+        raise ValueError("the model has no trainable parameter: unfreeze the Linear or Conv2d layers to fine-tune")
+    return layers
 
 
 @dataclass
@@ -206,14 +280,19 @@ class _StepBuilder:
     def __init__(self, model: nn.Module, max_rank: int, eps: float, momentum: float, example_x: Tensor) -> None:
         self.model = restore(copy.deepcopy(model)).eval()
         self.layers = _trainable_layers(self.model)
-        self.params = [(f"{n}.{k}", p) for n, m in self.layers for k, p in m.named_parameters(recurse=False) if p.requires_grad]
+        self.params = [
+            (f"{layer.name}.{k}", p) for layer in self.layers for k, p in layer.module.named_parameters(recurse=False) if p.requires_grad
+        ]
         self.model.requires_grad_(False)
         self.eps, self.momentum = eps, momentum
         self.basis_names: list[str] = []
         self.bases: list[Tensor] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
         generator = torch.Generator().manual_seed(0)
-        handles = [m.register_forward_pre_hook(lambda mod, a, n=n: self.shapes.__setitem__(n, tuple(a[0].shape))) for n, m in self.layers]
+        handles = [
+            layer.module.register_forward_pre_hook(lambda mod, a, n=layer.name: self.shapes.__setitem__(n, tuple(a[0].shape)))
+            for layer in self.layers
+        ]
         try:
             with torch.no_grad():
                 self.model(example_x)  # each trainable layer's input shape: static in the graph
@@ -224,17 +303,15 @@ class _StepBuilder:
         def start(size: int, dtype: torch.dtype) -> Tensor:
             return torch.linalg.qr(torch.randn(size, min(max_rank, size), generator=generator, dtype=dtype)).Q
 
-        for name, module in self.layers:
-            dtype = module.weight.dtype
-            if isinstance(module, nn.Linear):
-                self.basis_names.append(f"basis.{name}")
-                self.bases.append(start(module.in_features, dtype))
-            else:
-                _, channels, height, width = self.shapes[name]
-                for label, size in (("c", channels), ("h", height), ("w", width)):
-                    self.basis_names.append(f"basis.{name}.{label}")
-                    self.bases.append(start(size, dtype))
-        self.batch_start = {n: start(self.shapes[n][0], m.weight.dtype) for n, m in self.layers if isinstance(m, nn.Conv2d)}
+        for layer in self.layers:
+            for suffix, size in layer.call.method.carried(self.shapes[layer.name]):
+                self.basis_names.append(f"basis.{layer.name}{suffix}")
+                self.bases.append(start(size, layer.module.weight.dtype))
+        self.batch_start = {
+            layer.name: start(self.shapes[layer.name][0], layer.module.weight.dtype)
+            for layer in self.layers
+            if layer.call.method.needs_batch_start
+        }
 
     def names(self) -> tuple[list[str], list[str]]:
         weights = [n for n, _ in self.params]
@@ -258,15 +335,15 @@ class _StepBuilder:
         by_name = {n: w for (n, _), w in zip(self.params, weights)}
         new_bases: list[Tensor] = []
         cursor = 0
-        for name, module in self.layers:
-            count = 1 if isinstance(module, nn.Linear) else 3
-            module.forward = self._forward(name, module, by_name, bases[cursor : cursor + count], new_bases)  # type: ignore[method-assign]
+        for layer in self.layers:
+            count = len(layer.call.method.carried(self.shapes[layer.name]))
+            layer.module.forward = self._forward(layer, by_name, bases[cursor : cursor + count], new_bases)  # type: ignore[method-assign]
             cursor += count
         try:
             out = self.model(x)
         finally:
-            for _, module in self.layers:
-                del module.forward
+            for layer in self.layers:
+                del layer.module.forward
         log_probs = torch.log_softmax(out, 1)
         one_hot = (y[:, None] == torch.arange(out.shape[1], device=out.device)[None]).to(out.dtype)
         loss = -(log_probs * one_hot).sum() / out.shape[0]
@@ -279,29 +356,20 @@ class _StepBuilder:
         new_weights = [(w - lr * s).detach() for w, s in zip(weights, steps)]
         return (*new_weights, *[b.detach() for b in buffers], *new_bases, loss.detach())
 
-    def _forward(self, name: str, module: nn.Module, by_name: dict[str, Tensor], previous: list[Tensor], new_bases: list[Tensor]):
-        weight = by_name.get(f"{name}.weight", module.weight)
-        bias = by_name.get(f"{name}.bias", module.bias)
+    def _forward(self, layer: _TrainableLayer, by_name: dict[str, Tensor], previous: list[Tensor], new_bases: list[Tensor]):
+        """The layer's forward inside the step: static factors of its input by its method, the
+        family's exportable kernels through :class:`_ExportedLayer`."""
+        weight = by_name.get(f"{layer.name}.weight", layer.module.weight)
+        bias = by_name.get(f"{layer.name}.bias", layer.module.bias)
 
-        def linear(inp: Tensor) -> Tensor:
-            rows = inp.reshape(-1, inp.shape[-1])
-            basis, masked = subspace_step(rows.detach(), previous[0], self.eps)
-            new_bases.append(basis)
-            out = _LowRankLinear.apply(rows, weight, bias, masked)
-            return out.reshape(*inp.shape[:-1], out.shape[-1])
+        def apply(inp: Tensor, *parts: Tensor) -> Tensor:
+            return _ExportedLayer.apply(inp, weight, bias, layer.call, *parts)
 
-        def conv(inp: Tensor) -> Tensor:
-            data = inp.detach()
-            batch, _ = subspace_step(_mode_rows(data, 0), self.batch_start[name], self.eps)
-            _, u_b = subspace_step(_mode_rows(data, 0), batch, self.eps)  # two steps: never carried
-            factors = []
-            for mode, start in zip((1, 2, 3), previous):
-                basis, masked = subspace_step(_mode_rows(data, mode), start, self.eps)
-                new_bases.append(basis)
-                factors.append(masked)
-            return _TuckerConv2d.apply(inp, weight, bias, u_b, *factors, ConvGeometry.of(module))
+        def forward(inp: Tensor) -> Tensor:
+            method = layer.call.method
+            return method.run(inp, previous, self.batch_start.get(layer.name), self.eps, new_bases, apply)
 
-        return linear if isinstance(module, nn.Linear) else conv
+        return forward
 
 
 def _avg_pool2d_backward(grad_output, inp, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):

@@ -104,7 +104,7 @@ def test_step_matches_eager_and_is_clean(tmp_path, momentum):
         (nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), "supports zero padding given as integers"),
         (nn.Conv2d(1, 4, 3, padding="same"), "supports zero padding given as integers"),
         (nn.Conv2d(4, 8, 3, padding=1, groups=2), "supports dense \\(groups=1\\) or depthwise convolutions"),
-        (nn.Conv1d(1, 4, 3, padding=1), "\\(Conv1d\\) is trainable; the training-step export supports trainable Linear and Conv2d"),
+        (nn.Conv1d(1, 4, 3, padding=1), "\\(Conv1d\\) is trainable; the training-step export supports 2-D convolutions"),
     ],
 )
 def test_unsupported_trainable_layers_are_refused(tmp_path, layer, message):
@@ -161,7 +161,7 @@ def test_bundle_runner_trains_without_torch_and_matches_eager(tmp_path):
 def test_exported_conv_weight_gradient_is_the_runtime_kernels(conv):
     """The step's conv backward (convolutions only) gives the runtime kernel's dW on the same
     factors, masked columns included."""
-    from actcomp.export.step import _TuckerConv2d
+    from actcomp.export.step import _ExportedLayer, _export_call
     from actcomp.linalg.factors import Tucker, mode_product
     from actcomp.kernels.conv import ConvGeometry, tucker_weight_grad
 
@@ -170,7 +170,7 @@ def test_exported_conv_weight_gradient_is_the_runtime_kernels(conv):
     bases = [torch.linalg.qr(torch.randn(n, min(n, 3), dtype=torch.float64)).Q for n in x.shape]
     bases[1][:, -1] = 0  # a column beyond the eps rank, masked as the graph masks it
     weight = conv.weight.detach().clone().requires_grad_()
-    y = _TuckerConv2d.apply(x, weight, conv.bias, *bases, ConvGeometry.of(conv))
+    y = _ExportedLayer.apply(x, weight, conv.bias, _export_call("conv", conv), *bases)
     dy = torch.randn_like(y)
     (exported,) = torch.autograd.grad(y, weight, dy)
     core = x
@@ -181,15 +181,57 @@ def test_exported_conv_weight_gradient_is_the_runtime_kernels(conv):
 
 
 def test_exported_linear_weight_gradient_is_the_runtime_kernels():
-    from actcomp.export.step import _LowRankLinear
+    from actcomp.export.step import _ExportedLayer, _export_call
     from actcomp.linalg.factors import LowRank
     from actcomp.kernels.linear import lowrank_weight_grad
 
     x = torch.randn(7, 6, dtype=torch.float64)
     basis = torch.linalg.qr(torch.randn(6, 3, dtype=torch.float64)).Q
     weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    y = _LowRankLinear.apply(x, weight, None, basis)
+    y = _ExportedLayer.apply(x, weight, None, _export_call("linear", nn.Linear(6, 4, bias=False)), basis)
     dy = torch.randn_like(y)
     (exported,) = torch.autograd.grad(y, weight, dy)
     runtime = lowrank_weight_grad(LowRank(x @ basis, basis.T), dy)
     assert torch.allclose(exported, runtime, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        (nn.LayerNorm(6), "\\(LayerNorm\\) is trainable; the training-step export supports trainable Conv2d and Linear layers only"),
+        ("svd", "\\(SVDLinear\\) is trainable; the training-step export supports trainable Conv2d and Linear"),
+    ],
+    ids=["unregistered", "computed-weight"],
+)
+def test_layers_without_export_kernels_are_refused_by_the_registry(layer, message):
+    """A type the registry does not run, or runs with a computed weight, has no exported step."""
+    from actcomp.export.step import _export_call
+    from actcomp.peft import svd_adapt
+
+    if layer == "svd":
+        layer = svd_adapt(nn.Sequential(nn.Linear(6, 4)))[0]
+
+    with pytest.raises(ValueError, match=f"layer 'head' {message}"):
+        _export_call("head", layer)
+
+
+def test_family_without_an_exported_weight_gradient_for_static_factors_is_refused(monkeypatch):
+    """A family whose export kernels take none of the export's static factor types (LowRank rows,
+    Tucker) names the layer, the factor types and the family."""
+    import dataclasses
+
+    from actcomp.export.step import _export_call
+    from actcomp.kernels import base as kernels
+    from actcomp.kernels.linear import LINEAR
+    from actcomp.linalg.factors import PatchMeans
+
+    monkeypatch.setattr(kernels, "_REGISTRY", dict(kernels._REGISTRY))
+    monkeypatch.setattr(kernels, "_RESOLVED", {})
+    patches_only = dataclasses.replace(LINEAR, name="patches", export=dataclasses.replace(LINEAR.export, weight_grads={PatchMeans: None}))
+
+    class Patched(nn.Linear):
+        pass
+
+    actcomp.register_layer(Patched, family=patches_only)
+    with pytest.raises(ValueError, match="layer 'p' \\(Patched\\) .*keeps LowRank, Tucker factors, for which the patches family has no exportable"):
+        _export_call("p", Patched(3, 2))
