@@ -21,11 +21,11 @@ take an existing module over by swapping its class (see :func:`actcomp.peft.svd_
 ``weight`` is a read-only property: the current W in the base class's layout, computed on each
 read (writes to it are lost; the parameters are ``s`` and ``reflectors``).
 
-* :class:`SVDLinear`: W is the (out, in) weight itself; family "linear".
+* :class:`SVDLinear`: W is the (out, in) weight itself; family ``LINEAR``.
 * :class:`SVDConv2d`: W is the weight (out, in/groups, kh, kw) as a matrix over
-  in/groups * kh * kw; family "conv" (every stride, padding, padding_mode, dilation, groups).
+  in/groups * kh * kw; family ``CONV`` (every stride, padding, padding_mode, dilation, groups).
 * ``SVDConv1D`` (Hugging Face ``transformers.pytorch_utils.Conv1D``, weight stored (in, out)):
-  W is the transposed weight (out, in); family "linear". Created on first use, so that
+  W is the transposed weight (out, in); family ``LINEAR``. Created on first use, so that
   importing actcomp does not import transformers.
 """
 
@@ -37,6 +37,9 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from actcomp.kernels.base import LayerFamily
+from actcomp.kernels.conv import CONV
+from actcomp.kernels.linear import LINEAR
 from actcomp.peft.householder import householder_apply
 
 SIDES = ("out", "in")
@@ -46,12 +49,13 @@ class SVDWeight:
     """Mixin of the SVD-parametrised layers: parameters ``s`` (k) and ``reflectors`` (r, d) or
     None, buffers ``u0`` (out, k) and ``v0`` (in, k), settings ``svd_side`` and ``svd_block_size``.
 
-    A subclass names its ``family`` ("linear" or "conv") and implements ``matrix_of`` (the
+    A subclass names its ``family`` (the :class:`~actcomp.kernels.LayerFamily` whose compressed
+    kernel runs it: ``LINEAR`` or ``CONV``) and implements ``matrix_of`` (the
     base layout's weight as the matrix W), ``base_layout`` (W back in the base layout),
     ``family_weight`` (W in the layout its family's forward takes) and ``family_forward``.
     """
 
-    family: str = ""
+    family: LayerFamily
     svd_base: type[nn.Module]  # the class a merged layer returns to
     s: nn.Parameter
     reflectors: nn.Parameter | None
@@ -106,7 +110,7 @@ class SVDWeight:
 class SVDLinear(SVDWeight, nn.Linear):
     """nn.Linear with W = U diag(s) V^T, one side rotated by Householder reflections."""
 
-    family = "linear"
+    family = LINEAR
     svd_base = nn.Linear
 
     @staticmethod
@@ -127,7 +131,7 @@ class SVDConv2d(SVDWeight, nn.Conv2d):
     """nn.Conv2d whose weight, as a matrix (out, in/groups * kh * kw), is U diag(s) V^T with one
     side rotated by Householder reflections."""
 
-    family = "conv"
+    family = CONV
     svd_base = nn.Conv2d
 
     @staticmethod
@@ -147,7 +151,7 @@ class SVDConv2d(SVDWeight, nn.Conv2d):
 class _SVDConv1DMixin(SVDWeight):
     """Hugging Face Conv1D (weight stored (in, out), y = x weight + b) with W = weight^T."""
 
-    family = "linear"
+    family = LINEAR
 
     @staticmethod
     def matrix_of(module: nn.Module, weight: Tensor) -> Tensor:

@@ -137,3 +137,15 @@ def test_compressed_adapted_model_trains_restores_and_merges():
 
 def test_adapted_layers_are_compressible_types():
     assert {"SVDConv2d", "SVDLinear"} <= set(actcomp.supported_types())
+
+
+def test_adapted_classes_name_the_family_the_registry_runs_them_with():
+    """The SVD classes name their LayerFamily object itself; the registry runs each with it."""
+    from actcomp.kernels import registration_for
+    from actcomp.kernels.conv import CONV
+    from actcomp.kernels.linear import LINEAR
+    from actcomp.peft.layers import SVDConv2d, SVDLinear
+
+    assert SVDLinear.family is LINEAR and SVDConv2d.family is CONV
+    for cls in (SVDLinear, SVDConv2d):
+        assert registration_for(cls).family is cls.family
