@@ -6,6 +6,9 @@ Public API::
     loss.backward()                       # selected layers keep factors, not their inputs
     actcomp.stats(model)                  # ranks and bytes kept per layer
     actcomp.restore(model)                # back to plain autograd
+
+    step = actcomp.fit(model, optimizer, budget="512MiB", batch=(x, y), loss_fn=F.cross_entropy)
+    loss = step(x, y)                     # one step within the device budget, exact levers first
 """
 
 from actcomp.linalg import decompose
@@ -20,10 +23,21 @@ from actcomp.core.state import LayerState
 from actcomp.devices import DeviceProfile, list_devices, load_device
 from actcomp.memory import MemoryReport, SavedTensors, count_saved, measure
 from actcomp.memory.plan import LayerChoice, Plan, plan
+from actcomp.memory.fit import BudgetExceededError, FitChoice, FitReport, FittedStep, fit
+from actcomp.levers import checkpoint_blocks, freeze_batchnorm, microbatch_step, optimizer_in_backward
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetExceededError",
+    "FitChoice",
+    "FitReport",
+    "FittedStep",
+    "checkpoint_blocks",
+    "fit",
+    "freeze_batchnorm",
+    "microbatch_step",
+    "optimizer_in_backward",
     "CompressionConfig",
     "Compressor",
     "InputLayout",

@@ -12,6 +12,7 @@ allocator's high-water mark over forward+backward above what was allocated befor
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -225,6 +226,16 @@ def _cpu_allocation_peak(prof: torch.profiler.profile) -> int | None:
     return peak
 
 
+def rebuilt_optimizer(optimizer: torch.optim.Optimizer, groups: list[dict]) -> torch.optim.Optimizer:
+    """An optimizer of ``optimizer``'s class over ``groups`` (param-group dicts carrying their
+    settings), with the defaults its constructor accepts (``defaults`` may hold keys that the
+    class's ``__init__`` does not take, e.g. AdamW's ``decoupled_weight_decay``)."""
+    signature = inspect.signature(type(optimizer).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in signature}
+    return type(optimizer)(groups, **defaults)
+
+
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of the optimizer's state tensors; if it has taken no step yet, those of a copy of it
     stepped once on zero gradients (state is created lazily at the first step)."""
@@ -246,7 +257,7 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
         {**group, "params": [p.detach().clone().requires_grad_(p.requires_grad) for p in group["params"]]}
         for group in optimizer.param_groups
     ]
-    probe = type(optimizer)(clones, **optimizer.defaults)
+    probe = rebuilt_optimizer(optimizer, clones)
     for group in probe.param_groups:
         for p in group["params"]:
             if p.requires_grad:

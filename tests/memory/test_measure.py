@@ -71,11 +71,14 @@ def test_matches_an_independent_count_and_keeps_gradients():
     assert report.peak_bytes is not None and report.peak_bytes >= report.saved_bytes - x.numel() * 4
 
 
-def test_optimizer_state_and_frozen_parameters():
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW])
+def test_optimizer_state_and_frozen_parameters(optimizer_class):
+    """Counted on a stepped copy, for Adam and AdamW (AdamW's defaults hold a key its
+    constructor does not take)."""
     model = small_model()
     model[0].requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable)
+    optimizer = optimizer_class(trainable)
     report = measure(model, torch.randn(4, 10), vanilla=False, optimizer=optimizer)
     grads = sum(p.numel() * 4 for p in trainable)
     assert report.grads_bytes == grads

@@ -1,0 +1,542 @@
+"""fit(): make one fine-tuning step fit a device's memory budget, with the cheapest levers.
+
+A device must hold, for one training step, its resident bytes (weights, buffers, optimizer
+state, the batch) plus the step's peak above them (forward transients; what autograd keeps;
+the parameter gradients; the optimizer step's temporaries). :func:`fit` measures that device
+total for combinations of levers on copies of the model and the optimizer (the originals are
+left as they were, and no update is taken), and picks the combination with the least measured
+step time whose total fits the budget and whose gradient error stays within ``max_error``:
+
+* micro-batching (``micro_batches`` = k): every activation term / k, exact without batch
+  statistics (:mod:`actcomp.levers.microbatch`);
+* recompute of blocks (:mod:`actcomp.levers.recompute`): a block keeps its input only, one
+  extra forward, exact;
+* the optimizer step in backward (:mod:`actcomp.levers.step_in_backward`): the parameter
+  gradients are never all alive, exact for the element-wise optimizers;
+* compression (:func:`actcomp.compress` of every trainable layer, with the default neighbour
+  policies): what autograd keeps -> factors, approximate below eps 1; used only when the exact
+  levers do not reach the budget or are slower.
+
+The gradient error of a combination is measured on the calibration batch: ||g - g_plain|| /
+||g_plain|| over every trainable parameter, g_plain the plain full-batch gradient (exact levers
+have none, but for micro-batches through BatchNorm in train mode). Compressed combinations must
+fit with ``headroom`` to spare: eps fixes the explained variance, not the rank, so another
+batch may keep larger factors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from actcomp.attach.swap import compress, restore
+from actcomp.core.config import CompressionConfig
+from actcomp.levers.microbatch import _batch_size as _size_along_dim0
+from actcomp.levers.microbatch import batch_statistics_modules, freeze_batchnorm, microbatch_step
+from actcomp.levers.recompute import Recompute, auto_blocks, checkpoint_blocks
+from actcomp.levers.step_in_backward import EXACT_OPTIMIZERS, StepInBackward, optimizer_in_backward
+from actcomp.memory.format import aligned_table
+from actcomp.memory.measure import _optimizer_state_bytes, _peak_of, format_bytes, rebuilt_optimizer
+from actcomp.memory.plan import parse_bytes
+
+__all__ = ["BudgetExceededError", "FitChoice", "FitReport", "FittedStep", "fit", "batch_bytes", "step_loss"]
+
+
+class BudgetExceededError(MemoryError):
+    """A fitted step's measured device total exceeded its budget."""
+
+
+def batch_bytes(batch: Any) -> int:
+    """Bytes of the tensors of a batch (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(batch, Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, Mapping):
+        return sum(batch_bytes(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(batch_bytes(v) for v in batch)
+    return 0
+
+
+def step_loss(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Tensor:
+    """The training loss of ``model`` on ``batch``, as users hold batches.
+
+    A dict (a Hugging Face ``BatchEncoding``) is passed as keyword arguments; a tuple or list
+    as positional arguments, its last element being the targets when ``loss_fn`` is given
+    (``loss_fn(model(*batch[:-1]), batch[-1])``); a tensor as the one argument
+    (``loss_fn(model(x))`` with a loss_fn). Without ``loss_fn`` the output's ``.loss`` (Hugging
+    Face outputs) or the output itself, which must then be a scalar tensor.
+    """
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        return loss_fn(out, batch) if loss_fn is not None else _output_loss(out)
+    if isinstance(batch, (tuple, list)):
+        if loss_fn is not None:
+            inputs, targets = batch[:-1], batch[-1]
+            return loss_fn(model(*inputs), targets)
+        return _output_loss(model(*batch))
+    out = model(batch)
+    return loss_fn(out) if loss_fn is not None else _output_loss(out)
+
+
+def _output_loss(out: Any) -> Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        loss = out
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(
+            "without loss_fn the model must return its loss (a scalar tensor, or an output with .loss); "
+            f"got {type(out).__name__}: pass loss_fn"
+        )
+    return loss
+
+
+@dataclass(frozen=True)
+class FitChoice:
+    """One combination of levers and what it measured on the calibration batch.
+
+    ``micro_batches``: chunks per batch; ``recompute``: the blocks recomputed (empty: none);
+    ``step_in_backward``: the optimizer step runs in backward; ``compression``: the
+    compression of every trainable layer (None: plain autograd). ``total_bytes``: resident
+    bytes + the step's measured peak; ``peak_bytes``: that peak; ``step_ms``: the step's
+    measured wall time (forward, backward and update); ``grad_error``: ||g - g_plain|| /
+    ||g_plain|| on the calibration batch.
+    """
+
+    micro_batches: int
+    recompute: tuple[str, ...]
+    step_in_backward: bool
+    compression: CompressionConfig | None
+    total_bytes: int
+    peak_bytes: int
+    step_ms: float
+    grad_error: float
+
+    @property
+    def exact(self) -> bool:
+        """No compression and no gradient error."""
+        return self.compression is None and self.grad_error == 0.0
+
+    def describe(self) -> str:
+        parts = []
+        if self.micro_batches > 1:
+            parts.append(f"{self.micro_batches} micro-batches")
+        if self.recompute:
+            parts.append(f"recompute {len(self.recompute)} blocks")
+        if self.step_in_backward:
+            parts.append("step in backward")
+        if self.compression is not None:
+            parts.append(f"{self.compression.method} eps {self.compression.eps:g}")
+        return ", ".join(parts) or "plain"
+
+
+@dataclass
+class FitReport:
+    """What :func:`fit` measured and chose. All sizes in bytes.
+
+    ``resident_bytes`` = ``weights_bytes`` + ``buffers_bytes`` + ``optimizer_state_bytes`` +
+    ``batch_bytes``; every candidate's total is that plus its measured peak. ``plain`` is the
+    plain step's figures, ``chosen`` the combination applied, ``candidates`` everything
+    measured, ``measured_total_bytes`` the total of the first real step (None before it).
+    """
+
+    budget_bytes: int
+    weights_bytes: int
+    buffers_bytes: int
+    optimizer_state_bytes: int
+    batch_bytes: int
+    plain: FitChoice
+    chosen: FitChoice
+    candidates: list[FitChoice] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    measured_total_bytes: int | None = None
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.weights_bytes + self.buffers_bytes + self.optimizer_state_bytes + self.batch_bytes
+
+    def table(self) -> str:
+        header = ["levers", "total", "peak", "total/plain", "time/plain", "grad error", ""]
+        rows = []
+        for c in sorted(self.candidates, key=lambda c: (c.total_bytes, c.step_ms)):
+            rows.append([
+                c.describe(), format_bytes(c.total_bytes), format_bytes(c.peak_bytes),
+                f"{c.total_bytes / self.plain.total_bytes:.3f}", f"{c.step_ms / self.plain.step_ms:.2f}x",
+                f"{c.grad_error:.3g}", "<- chosen" if c == self.chosen else ("fits" if c.total_bytes <= self.budget_bytes else ""),
+            ])
+        lines = [
+            f"budget {format_bytes(self.budget_bytes)}; resident {format_bytes(self.resident_bytes)} (weights "
+            f"{format_bytes(self.weights_bytes)}, buffers {format_bytes(self.buffers_bytes)}, optimizer state "
+            f"{format_bytes(self.optimizer_state_bytes)}, batch {format_bytes(self.batch_bytes)})",
+            aligned_table(header, rows),
+            f"chosen: {self.chosen.describe()}: total {format_bytes(self.chosen.total_bytes)} "
+            f"({self.chosen.total_bytes / self.plain.total_bytes:.3f} of plain {format_bytes(self.plain.total_bytes)}), "
+            f"{self.chosen.step_ms / self.plain.step_ms:.2f}x plain's step time",
+        ]
+        if self.measured_total_bytes is not None:
+            lines.append(f"first real step: total {format_bytes(self.measured_total_bytes)}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class _Applied:
+    """The levers of one choice applied to a model and its optimizer; ``step(batch)`` trains."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, choice: FitChoice, loss_fn: Callable | None, sample: Any, frozen_batchnorm: bool
+    ) -> None:
+        self.model, self.optimizer, self.choice, self.loss_fn = model, optimizer, choice, loss_fn
+        self.frozen_batchnorm = frozen_batchnorm
+        self.recompute: Recompute | None = None
+        self.in_backward: StepInBackward | None = None
+        if choice.compression is not None:
+            compress(model, "all", config=choice.compression, sample=_inputs_of(sample, loss_fn))
+        if choice.recompute:
+            self.recompute = checkpoint_blocks(model, list(choice.recompute))
+        if choice.step_in_backward:
+            self.in_backward = optimizer_in_backward(model, optimizer)
+
+    def step(self, batch: Any) -> Tensor:
+        with freeze_batchnorm(self.model) if self.frozen_batchnorm else contextlib.nullcontext():
+            return self._step(batch)
+
+    def backward(self, batch: Any) -> None:
+        """Forward and backward only (gradients accumulated into .grad, no update)."""
+        with freeze_batchnorm(self.model) if self.frozen_batchnorm else contextlib.nullcontext():
+            if self.choice.micro_batches > 1:
+                microbatch_step(self.model, lambda m, c: step_loss(m, c, self.loss_fn), batch, self.choice.micro_batches)
+            else:
+                step_loss(self.model, batch, self.loss_fn).backward()
+
+    def _step(self, batch: Any) -> Tensor:
+        if self.in_backward is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss = microbatch_step(
+            self.model, lambda m, chunk: step_loss(m, chunk, self.loss_fn), batch, self.choice.micro_batches, in_backward=self.in_backward
+        ) if self.choice.micro_batches > 1 else self._one(batch)
+        if self.in_backward is None:
+            self.optimizer.step()
+        return loss
+
+    def _one(self, batch: Any) -> Tensor:
+        loss = step_loss(self.model, batch, self.loss_fn)
+        loss.backward()
+        return loss.detach()
+
+    def remove(self) -> None:
+        if self.in_backward is not None and not self.in_backward.removed:
+            self.in_backward.remove()
+        if self.recompute is not None:
+            self.recompute.remove()
+        if self.choice.compression is not None:
+            restore(self.model)
+
+
+def _inputs_of(batch: Any, loss_fn: Callable | None) -> Any:
+    """What the model is called with, for compress(sample=): positional inputs without the
+    targets (a tuple), or the batch itself."""
+    if isinstance(batch, (tuple, list)):
+        inputs = tuple(batch[:-1]) if loss_fn is not None else tuple(batch)
+        return inputs[0] if len(inputs) == 1 else inputs
+    if isinstance(batch, Mapping):
+        return None  # keyword batches: selection by module order
+    return batch
+
+
+class FittedStep:
+    """One training step (forward, backward, update) with the levers :func:`fit` chose.
+
+    Call it with a batch in the calibration batch's form: ``step(x, y)``, ``step((x, y))``,
+    ``step(batch_dict)`` or ``step(**batch_dict)``; it returns the batch's mean loss (detached).
+    The first call is measured (allocator peak + resident bytes) and checked against the
+    budget: over it, :class:`BudgetExceededError` is raised after the step. ``report`` says
+    what was measured and chosen; ``remove()`` returns the model and optimizer to plain use.
+    """
+
+    def __init__(self, applied: _Applied, report: FitReport) -> None:
+        self._applied = applied
+        self.report = report
+
+    @property
+    def model(self) -> nn.Module:
+        return self._applied.model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        batch = kwargs if kwargs else (args[0] if len(args) == 1 else tuple(args))
+        if kwargs and args:
+            raise TypeError("give the batch either as positional or as keyword arguments, not both")
+        if self.report.measured_total_bytes is not None:
+            return self._applied.step(batch)
+        params = list(self.model.parameters())
+        device = params[0].device if params else torch.device("cpu")
+        result: list[Tensor] = []
+        peak, _ = _peak_of(lambda: result.append(self._applied.step(batch)), device)
+        resident = self.report.weights_bytes + self.report.buffers_bytes + _optimizer_state_bytes(self._applied.optimizer) + batch_bytes(batch)
+        if peak is None:  # no allocator figure on this platform: nothing to check
+            self.report.notes.append("the first step's peak could not be measured (no allocator figure)")
+            self.report.measured_total_bytes = resident
+            return result[0]
+        self.report.measured_total_bytes = resident + peak
+        if self.report.measured_total_bytes > self.report.budget_bytes:
+            raise BudgetExceededError(
+                f"the fitted step's measured device total {format_bytes(self.report.measured_total_bytes)} exceeds the "
+                f"budget {format_bytes(self.report.budget_bytes)} (calibrated at {format_bytes(self.report.chosen.total_bytes)}): "
+                "this batch keeps more than the calibration batch; fit again on a representative batch or with more headroom"
+            )
+        return result[0]
+
+    def remove(self) -> None:
+        """Undo the levers: compression restored, recompute and the step in backward removed."""
+        self._applied.remove()
+
+
+def _grads(model: nn.Module) -> list[Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def _relative_error(grads: list[Tensor | None], reference: list[Tensor | None]) -> float:
+    num = den = 0.0
+    for g, r in zip(grads, reference):
+        r = torch.zeros(()) if r is None else r.double()
+        g = torch.zeros_like(r) if g is None else g.double()
+        num += float((g - r).pow(2).sum())
+        den += float(r.pow(2).sum())
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+class _Calibration:
+    """Measures combinations of levers on copies of the model and optimizer."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, loss_fn: Callable | None, timing_steps: int, frozen_batchnorm: bool
+    ) -> None:
+        self.model, self.optimizer, self.batch, self.loss_fn = model, optimizer, batch, loss_fn
+        self.frozen_batchnorm = frozen_batchnorm
+        self.timing_steps = timing_steps
+        params = list(model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        self.weights = sum(p.numel() * p.element_size() for p in params)
+        self.buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        self.state = _optimizer_state_bytes(optimizer)
+        self.batch_bytes = batch_bytes(batch)
+        self.reference: list[Tensor | None] | None = None
+        self.measured: dict[tuple, FitChoice] = {}
+
+    @property
+    def resident(self) -> int:
+        return self.weights + self.buffers + self.state + self.batch_bytes
+
+    def _copies(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """A deep copy of the model and an optimizer of the same class, settings and state over
+        the copy's parameters."""
+        model = copy.deepcopy(self.model)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        copied = dict(model.named_parameters())
+        try:
+            groups = [{**g, "params": [copied[names[id(p)]] for p in g["params"]]} for g in self.optimizer.param_groups]
+        except KeyError:
+            raise ValueError("the optimizer holds a parameter that is not the model's: fit needs the model's own optimizer") from None
+        optimizer = rebuilt_optimizer(self.optimizer, groups)
+        for p, state in self.optimizer.state.items():
+            optimizer.state[copied[names[id(p)]]] = copy.deepcopy(state)
+        return model, optimizer
+
+    def plain_gradient(self) -> list[Tensor | None]:
+        if self.reference is None:
+            model, optimizer = self._copies()
+            model.zero_grad(set_to_none=True)
+            _Applied(model, optimizer, _PLAIN, self.loss_fn, self.batch, self.frozen_batchnorm).backward(self.batch)
+            self.reference = _grads(model)
+        return self.reference
+
+    def measure(self, micro_batches: int, recompute: tuple[str, ...], in_backward: bool, compression: CompressionConfig | None) -> FitChoice:
+        key = (micro_batches, recompute, in_backward, compression)
+        if key in self.measured:
+            return self.measured[key]
+        # gradient error: without the step in backward (exact either way), on a fresh copy
+        model, optimizer = self._copies()
+        probe = FitChoice(micro_batches, recompute, False, compression, 0, 0, 0.0, 0.0)
+        applied = _Applied(model, optimizer, probe, self.loss_fn, self.batch, self.frozen_batchnorm)
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            applied.backward(self.batch)
+        exact = compression is None and (micro_batches == 1 or self.frozen_batchnorm or not batch_statistics_modules(model))
+        error = 0.0 if exact else _relative_error(_grads(model), self.plain_gradient())
+        applied.remove()
+        del applied, model, optimizer
+        # memory and time of the real step (update included) on another copy
+        model, optimizer = self._copies()
+        choice = FitChoice(micro_batches, recompute, in_backward, compression, 0, 0, 0.0, error)
+        applied = _Applied(model, optimizer, choice, self.loss_fn, self.batch, self.frozen_batchnorm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            applied.step(self.batch)  # warm-up: optimizer state and lazy buffers exist from here on
+            peak, _ = _peak_of(lambda: applied.step(self.batch), self.device)
+            times = []
+            for _ in range(self.timing_steps):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                applied.step(self.batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append((time.perf_counter() - start) * 1e3)
+        applied.remove()
+        peak = peak or 0
+        result = FitChoice(micro_batches, recompute, in_backward, compression, self.resident + peak, peak, statistics.median(times), error)
+        self.measured[key] = result
+        return result
+
+
+_PLAIN = FitChoice(1, (), False, None, 0, 0, 0.0, 0.0)
+
+
+def _micro_batch_counts(size: int) -> list[int]:
+    counts, k = [], 1
+    while k <= size:
+        counts.append(k)
+        k *= 2
+    if counts[-1] != size:
+        counts.append(size)
+    return counts
+
+
+def _smallest_fitting(measure: Callable[[int], FitChoice], counts: list[int], limit: int) -> FitChoice | None:
+    """The choice with the fewest micro-batches whose total is within ``limit`` (totals fall as
+    the count grows: binary search over ``counts``), or None when even the largest does not fit."""
+    last = measure(counts[-1])
+    if last.total_bytes > limit:
+        return None
+    low, high, best = 0, len(counts) - 1, last
+    while low < high:
+        middle = (low + high) // 2
+        choice = measure(counts[middle])
+        if choice.total_bytes <= limit:
+            best, high = choice, middle
+        else:
+            low = middle + 1
+    return best
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    budget: int | float | str,
+    batch: Any,
+    loss_fn: Callable | None = None,
+    *,
+    max_error: float = 0.1,
+    eps_grid: Sequence[float] = (0.99, 0.95, 0.9),
+    method: str = "hosvd",
+    headroom: float = 0.1,
+    allow: Sequence[str] = ("micro_batches", "recompute", "step_in_backward", "compression"),
+    freeze_batchnorm: bool = False,
+    timing_steps: int = 2,
+) -> FittedStep:
+    """Fit one training step of ``model`` with ``optimizer`` into ``budget`` bytes of device memory.
+
+    ``budget`` (bytes, or ``"512MiB"``) is the device total of one step: resident bytes
+    (weights + buffers + optimizer state + the batch) + the step's allocator peak above them.
+    ``batch`` is a representative batch in the form the step will get (a tensor, a tuple
+    ``(inputs..., targets)`` with ``loss_fn(model(*inputs), targets)``, or a dict passed as
+    keyword arguments whose output's ``.loss`` is the loss). Each combination of the levers in
+    ``allow`` is measured on copies of the model and optimizer (one warm-up, one profiled and
+    ``timing_steps`` timed steps each; the originals are left as they were and take no update):
+    if plain autograd fits, the step is plain; otherwise, among the exact combinations
+    (micro-batches k in powers of two, recompute of :func:`~actcomp.levers.auto_blocks`, the
+    step in backward for the element-wise optimizers) and, with ``method`` at each eps of
+    ``eps_grid`` whose gradient error ||g - g_plain|| / ||g_plain|| is at most ``max_error``,
+    the compressed ones (which must fit within (1 - ``headroom``) of the budget), the one with
+    the least measured step time. ``freeze_batchnorm=True`` runs every BatchNorm on its running
+    statistics (eval mode, affine parameters still trained: the usual fine-tuning setting; the
+    plain reference too), which makes micro-batching exact; otherwise a BatchNorm in train mode
+    normalises each micro-batch by its own statistics, and the measured gradient error of
+    micro-batching must stay within ``max_error`` like compression's. The choice is applied to ``model`` and ``optimizer`` and
+    returned as a :class:`FittedStep`; ``step.report`` lists every measured combination. An
+    infeasible budget is a ValueError naming the smallest total measured and what it is made of.
+    """
+    budget_bytes = parse_bytes(budget)
+    if not 0.0 <= headroom < 1.0:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
+    if not 0.0 <= max_error:
+        raise ValueError(f"max_error must be >= 0, got {max_error!r}")
+    known = {"micro_batches", "recompute", "step_in_backward", "compression"}
+    if set(allow) - known:
+        raise ValueError(f"allow names unknown levers {sorted(set(allow) - known)}; known: {sorted(known)}")
+    size = _batch_size(batch)
+    calibration = _Calibration(model, optimizer, batch, loss_fn, timing_steps, freeze_batchnorm)
+    plain = calibration.measure(1, (), False, None)
+    notes: list[str] = []
+
+    def report(chosen: FitChoice) -> FitReport:
+        return FitReport(
+            budget_bytes, calibration.weights, calibration.buffers, calibration.state, calibration.batch_bytes,
+            plain, chosen, list(calibration.measured.values()), notes,
+        )
+
+    if plain.total_bytes <= budget_bytes:
+        notes.append("plain autograd fits the budget: the step is plain")
+        return FittedStep(_Applied(model, optimizer, plain, loss_fn, batch, freeze_batchnorm), report(plain))
+    counts = _micro_batch_counts(size) if "micro_batches" in allow else [1]
+    blocks = tuple(auto_blocks(model)) if "recompute" in allow else ()
+    in_backward_ok = "step_in_backward" in allow and type(optimizer) in EXACT_OPTIMIZERS
+    if "step_in_backward" in allow and not in_backward_ok:
+        notes.append(f"the step in backward is not exact for {type(optimizer).__name__}: not considered")
+    if batch_statistics_modules(model) and len(counts) > 1 and not freeze_batchnorm:
+        notes.append("BatchNorm in train mode sees each micro-batch's statistics: its gradient error is measured and bounded by max_error")
+    feasible: list[FitChoice] = []
+    combos = [(r, s) for r in ([(), blocks] if blocks else [()]) for s in ([False, True] if in_backward_ok else [False])]
+    for recompute, in_backward in combos:
+        found = _smallest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None), counts, budget_bytes)
+        if found is not None and found.grad_error <= max_error:
+            feasible.append(found)
+    if "compression" in allow:
+        fastest_exact = min((c.step_ms for c in feasible), default=math.inf)
+        for eps in sorted(eps_grid, reverse=True):
+            config = CompressionConfig(method, eps)
+            first = calibration.measure(1, (), False, config)
+            if first.grad_error > max_error:
+                notes.append(f"{method} eps {eps:g}: gradient error {first.grad_error:.3g} > max_error {max_error:g}")
+                continue
+            if feasible and first.step_ms >= fastest_exact:
+                continue  # compression is only used where it is needed or faster
+            for recompute, in_backward in combos:
+                found = _smallest_fitting(
+                    lambda k: calibration.measure(k, recompute, in_backward, config), counts, int(budget_bytes * (1.0 - headroom))
+                )
+                if found is not None and found.grad_error <= max_error:
+                    feasible.append(found)
+                    break
+    if not feasible:
+        smallest = min(calibration.measured.values(), key=lambda c: c.total_bytes)
+        raise ValueError(
+            f"no combination of {', '.join(allow)} fits {format_bytes(budget_bytes)} within max_error {max_error:g}: the smallest "
+            f"total measured is {format_bytes(smallest.total_bytes)} ({smallest.describe()}): resident "
+            f"{format_bytes(calibration.resident)} (weights {format_bytes(calibration.weights)}, optimizer state "
+            f"{format_bytes(calibration.state)}, buffers {format_bytes(calibration.buffers)}, batch "
+            f"{format_bytes(calibration.batch_bytes)}) + peak {format_bytes(smallest.peak_bytes)}"
+        )
+    chosen = min(feasible, key=lambda c: (c.step_ms, c.total_bytes))
+    return FittedStep(_Applied(model, optimizer, chosen, loss_fn, batch, freeze_batchnorm), report(chosen))
+
+
+def _batch_size(batch: Any) -> int:
+    size = _size_along_dim0(batch)
+    if size is None:
+        raise ValueError("the batch holds no tensor with a batch dimension (dim 0)")
+    return size

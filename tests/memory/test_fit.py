@@ -1,0 +1,182 @@
+"""fit(): the measured device total of a step within a budget, exact levers first, calibration
+without side effects, batches as users hold them."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actcomp
+from actcomp.memory.fit import BudgetExceededError, batch_bytes, step_loss
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU()),
+        nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU()),
+        nn.Linear(128, 10),
+    ).double()
+
+
+def data(n: int = 512):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(n, 32, generator=generator, dtype=torch.float64), torch.randint(0, 10, (n,), generator=generator)
+
+
+def plain_total(model, x, y) -> int:
+    """The device total of the plain step, as fit measures it (on a copy)."""
+    model = copy.deepcopy(model)
+    return actcomp.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), "1GiB", (x, y), F.cross_entropy).report.plain.total_bytes
+
+
+def plain_steps(model, optimizer, batches):
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_budget_above_plain_is_the_plain_step():
+    model, (x, y) = mlp(), data()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = actcomp.fit(model, optimizer, "1GiB", (x, y), F.cross_entropy)
+    assert step.report.chosen.describe() == "plain" and step.report.chosen == step.report.plain
+    batches = [data(512), data(512)]
+    for xb, yb in batches:
+        step(xb, yb)
+    plain_steps(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), batches)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_calibration_leaves_model_and_optimizer_as_they_were():
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    plain_steps(model, optimizer, [(x, y)])  # the optimizer has state
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(optimizer.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    total = actcomp.fit(model, optimizer, "1GiB", (x, y), F.cross_entropy).report.plain.total_bytes
+    actcomp.fit(model, optimizer, int(total * 0.8), (x, y), F.cross_entropy)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key])
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    after = optimizer.state_dict()
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            assert torch.equal(after["state"][index][name], value)
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.75])
+def test_a_tighter_budget_is_met_by_exact_levers_with_the_plain_weights(fraction):
+    model, (x, y) = mlp(), data()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    total = plain_total(model, x, y)
+    budget = int(total * fraction)
+    step = actcomp.fit(model, optimizer, budget, (x, y), F.cross_entropy, allow=("micro_batches", "recompute", "step_in_backward"))
+    chosen = step.report.chosen
+    assert chosen.exact and chosen.total_bytes <= budget and chosen.describe() != "plain"
+    batches = [data(512), data(512), data(512)]
+    for xb, yb in batches:
+        step(xb, yb)
+    assert step.report.measured_total_bytes is not None and step.report.measured_total_bytes <= budget
+    plain_steps(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), batches)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    step.remove()
+    assert not actcomp.compressed_layers(model)
+
+
+def test_an_optimizer_of_another_model_is_refused():
+    model, other, (x, y) = mlp(), mlp(), data()
+    with pytest.raises(ValueError, match="the model's own optimizer"):
+        actcomp.fit(model, torch.optim.SGD(other.parameters(), lr=0.1), "1GiB", (x, y), F.cross_entropy)
+
+
+def test_infeasible_budget_names_the_smallest_total():
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"smallest total measured is .* resident .*weights"):
+        actcomp.fit(model, optimizer, "4KiB", (x, y), F.cross_entropy, allow=("micro_batches",))
+
+
+def test_compression_is_used_only_within_max_error():
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = plain_total(model, x, y)
+    step = actcomp.fit(model, optimizer, int(total * 0.97), (x, y), F.cross_entropy, allow=("compression",), max_error=1.0, headroom=0.0)
+    chosen = step.report.chosen
+    assert chosen.compression is not None and 0 < chosen.grad_error <= 1.0
+    assert actcomp.compressed_layers(model)
+    other = mlp()
+    with pytest.raises(ValueError, match="max_error"):
+        actcomp.fit(other, torch.optim.SGD(other.parameters(), lr=0.1), int(total * 0.97), (x, y), F.cross_entropy, allow=("compression",), max_error=0.0)
+
+
+def test_batchnorm_micro_batches_are_exact_when_frozen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 5)).double()
+    x, y = torch.randn(16, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (16,))
+    total = plain_total(model, x, y)
+
+    def fitted(**settings):
+        copied = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(copied.parameters(), lr=0.1)
+        return actcomp.fit(copied, optimizer, int(total * 0.8), (x, y), F.cross_entropy, allow=("micro_batches",), max_error=0.0, **settings)
+
+    frozen = fitted(freeze_batchnorm=True)
+    assert frozen.report.chosen.micro_batches > 1 and frozen.report.chosen.grad_error == 0.0
+    with pytest.raises(ValueError, match="max_error 0"):  # in train mode micro-batches change BatchNorm's statistics
+        fitted()
+
+
+class ReturnsLoss(nn.Module):
+    """A Hugging Face-style model: keyword batch in, an output with .loss out."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.body = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 50))
+
+    def forward(self, input_ids, labels):
+        logits = self.body(self.embed(input_ids))
+        return SimpleNamespace(loss=F.cross_entropy(logits.flatten(0, 1), labels.flatten()), logits=logits)
+
+
+def test_dict_batches_and_outputs_with_loss():
+    torch.manual_seed(0)
+    model = ReturnsLoss()
+    ids = torch.randint(0, 50, (16, 12))
+    batch = {"input_ids": ids, "labels": ids}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = actcomp.fit(model, optimizer, "1GiB", batch)
+    loss = step(**batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert float(step(batch)) < float(loss) + 1.0
+    assert batch_bytes(batch) == 2 * ids.numel() * ids.element_size()
+    assert torch.equal(step_loss(model, batch, None), model(**batch).loss)
+
+
+def test_a_larger_batch_than_calibrated_is_reported_over_budget():
+    model, (x, y) = mlp(), data(16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = plain_total(model, x, y)
+    step = actcomp.fit(model, optimizer, int(total * 1.05), (x, y), F.cross_entropy)
+    big_x, big_y = data(1024)
+    with pytest.raises(BudgetExceededError, match="exceeds the budget"):
+        step(big_x, big_y)
+
+
+@pytest.mark.parametrize("bad", [dict(headroom=1.0), dict(max_error=-1), dict(allow=("teleport",)), dict(budget="lots")])
+def test_bad_settings_are_clear_errors(bad):
+    model, (x, y) = mlp(), data()
+    settings = dict(budget="1GiB") | bad
+    with pytest.raises(ValueError):
+        actcomp.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), batch=(x, y), loss_fn=F.cross_entropy, **settings)
