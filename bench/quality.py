@@ -81,7 +81,7 @@ def trainable_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor
             continue
         loss = nn.functional.cross_entropy(model(xc), yc) * (len(yc) / len(y))
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     optimizer.step()
     return total
 
@@ -104,12 +104,31 @@ def device_total(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, 
     return report.saved_bytes, peak, report.weights_bytes + buffers + report.optimizer_state_bytes + batch + peak
 
 
+def gradient(model: nn.Module, x: Tensor, y: Tensor, micro_batches: int) -> list[Tensor]:
+    """The gradient of the mean loss on (x, y) as the variant computes it (no update)."""
+    model.zero_grad(set_to_none=True)
+    for xc, yc in zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)):
+        (nn.functional.cross_entropy(model(xc), yc) * (len(yc) / len(y))).backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def relative_error(grads: list[Tensor], reference: list[Tensor]) -> float:
+    """||g - g_plain|| / ||g_plain|| over every parameter (what fit's max_error bounds)."""
+    num = sum(float((g - r).double().pow(2).sum()) for g, r in zip(grads, reference))
+    return (num / sum(float(r.double().pow(2).sum()) for r in reference)) ** 0.5
+
+
 def run_seed(seed: int, variants: list[Variant], epochs: int, batch_size: int) -> dict[str, dict[str, float]]:
     task = make_task(seed=seed, progress=False)
     results = {}
+    first_x, first_y = task.train_x[:batch_size], task.train_y[:batch_size]
+    reference = gradient(copy.deepcopy(task.base).requires_grad_(True), first_x, first_y, 1)
     for variant in variants:
         torch.manual_seed(seed)
         model = prepare(task.base, variant, task.train_x[:2])
+        error = relative_error(gradient(copy.deepcopy(model), first_x, first_y, variant.micro_batches), reference)
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         generator = torch.Generator().manual_seed(seed)
         model.train()
@@ -125,9 +144,10 @@ def run_seed(seed: int, variants: list[Variant], epochs: int, batch_size: int) -
         chunk = max(1, batch_size // variant.micro_batches)
         saved, peak, total = device_total(model, optimizer, task.train_x[:chunk], task.train_y[:chunk])
         results[variant.name] = dict(
-            accuracy=accuracy(model, task.test_x, task.test_y), saved=saved, peak=peak, total=total, step_ms=1e3 * seconds / steps
+            accuracy=accuracy(model, task.test_x, task.test_y), saved=saved, peak=peak, total=total, step_ms=1e3 * seconds / steps,
+            grad_error=error,
         )
-        print(f"seed {seed} {variant.name}: {100 * results[variant.name]['accuracy']:.1f}%, total {total / 2**20:.2f} MiB", flush=True)
+        print(f"seed {seed} {variant.name}: {100 * results[variant.name]['accuracy']:.1f}%, total {total / 2**20:.2f} MiB, gradient error {error:.3f}", flush=True)
     return results
 
 
@@ -158,15 +178,18 @@ def main() -> None:
             f"{statistics.mean(accs):.1f}% ({min(accs):.1f}-{max(accs):.1f})",
             ratio("saved"), ratio("peak"), ratio("total"), f"{first['total'] / 2**20:.2f} MiB",
             f"{statistics.median(r[variant.name]['step_ms'] for r in per_seed):.0f}",
+            f"{statistics.mean(r[variant.name]['grad_error'] for r in per_seed):.3f}",
         ])
-    header = ["variant", "test accuracy, mean (min-max)", "saved / plain", "peak / plain", "total / plain", "device total", "ms/step"]
+    header = ["variant", "test accuracy, mean (min-max)", "saved / plain", "peak / plain", "total / plain", "device total", "ms/step", "gradient error"]
     command = f"python bench/quality.py --seeds {args.seeds} --epochs {args.epochs} --batch-size {args.batch_size}"
     if names != list(VARIANTS):
         command += f" --variants '{args.variants}'"
     text = (
         f"### Learning quality at equal memory (demo task, every layer trained)\n\n`{command}`; {machine(torch.device('cpu'))}\n\n"
         f"Adam lr 3e-3, batch {args.batch_size}, {args.epochs} epochs, seeds {args.seeds}; memory of one step on the "
-        "micro-batch the variant runs (device total = weights + buffers + Adam state + batch + allocator peak).\n\n"
+        "micro-batch the variant runs (device total = weights + buffers + Adam state + batch + allocator peak); "
+        "gradient error: ||g - g_plain|| / ||g_plain|| of the first batch's gradient from the pretrained weights (mean over seeds), "
+        "the measure fit's max_error bounds.\n\n"
         + markdown_table(header, rows)
     )
     publish("quality", text, args.write)

@@ -46,7 +46,7 @@ from actcomp.levers.microbatch import batch_statistics_modules, freeze_batchnorm
 from actcomp.levers.recompute import Recompute, auto_blocks, checkpoint_blocks
 from actcomp.levers.step_in_backward import EXACT_OPTIMIZERS, StepInBackward, optimizer_in_backward
 from actcomp.memory.format import aligned_table
-from actcomp.memory.measure import _optimizer_state_bytes, _peak_of, format_bytes, rebuilt_optimizer
+from actcomp.memory.measure import _optimizer_state_bytes, _peak_of, batch_bytes, format_bytes, rebuilt_optimizer
 from actcomp.memory.plan import parse_bytes
 
 __all__ = ["BudgetExceededError", "FitChoice", "FitReport", "FittedStep", "fit", "batch_bytes", "step_loss"]
@@ -54,17 +54,6 @@ __all__ = ["BudgetExceededError", "FitChoice", "FitReport", "FittedStep", "fit",
 
 class BudgetExceededError(MemoryError):
     """A fitted step's measured device total exceeded its budget."""
-
-
-def batch_bytes(batch: Any) -> int:
-    """Bytes of the tensors of a batch (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(batch, Tensor):
-        return batch.numel() * batch.element_size()
-    if isinstance(batch, Mapping):
-        return sum(batch_bytes(v) for v in batch.values())
-    if isinstance(batch, (tuple, list)):
-        return sum(batch_bytes(v) for v in batch)
-    return 0
 
 
 def step_loss(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Tensor:

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -60,6 +61,10 @@ class MemoryReport:
     ``weights_bytes``, ``grads_bytes`` (trainable parameters), ``optimizer_state_bytes`` (0
     without an optimizer). ``vanilla_*``: the same step with compression suspended.
     ``forward_peak_bytes``: the peak of the same forward without gradients.
+    ``buffers_bytes``: the model's buffers (BatchNorm statistics, ...); ``batch_bytes``: the
+    step's inputs and targets; ``saved_by_policy``: ``saved_bytes`` split by how it was kept
+    (factors, bits, indices, packed, plain, ...). :attr:`device_total_bytes` is what a device
+    must hold for the step: resident bytes + the peak.
     """
 
     device: str
@@ -74,6 +79,28 @@ class MemoryReport:
     vanilla_peak_bytes: int | None = None
     forward_peak_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    buffers_bytes: int = 0
+    batch_bytes: int = 0
+    saved_by_policy: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Held for the whole step: weights + buffers + optimizer state + the batch."""
+        return self.weights_bytes + self.buffers_bytes + self.optimizer_state_bytes + self.batch_bytes
+
+    @property
+    def device_total_bytes(self) -> int | None:
+        """The device total of one step: :attr:`resident_bytes` + the allocator peak of
+        forward+backward above them (None without a peak figure). The peak holds what autograd
+        keeps, the parameter gradients and every transient (a layer's input and output alive
+        together, the decomposition's workspace, the gradient of the current activation)."""
+        return None if self.peak_bytes is None else self.resident_bytes + self.peak_bytes
+
+    @property
+    def transient_bytes(self) -> int | None:
+        """The part of the peak that is neither kept for backward nor a parameter gradient:
+        peak - saved - gradients (at least 0; None without a peak figure)."""
+        return None if self.peak_bytes is None else max(0, self.peak_bytes - self.saved_bytes - self.grads_bytes)
 
     @property
     def peak_set_by_forward(self) -> bool | None:
@@ -93,6 +120,9 @@ class MemoryReport:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["step_bytes"] = self.step_bytes
+        out["resident_bytes"] = self.resident_bytes
+        out["device_total_bytes"] = self.device_total_bytes
+        out["transient_bytes"] = self.transient_bytes
         out["peak_set_by_forward"] = self.peak_set_by_forward
         for row, data in zip(self.rows, out["rows"]):
             data["ratio"] = row.ratio
@@ -126,6 +156,13 @@ class MemoryReport:
             f"{summary}; weights {format_bytes(self.weights_bytes)}, grads {format_bytes(self.grads_bytes)}, "
             f"optimizer state {format_bytes(self.optimizer_state_bytes)}, step total {format_bytes(self.step_bytes)}"
         )
+        if self.device_total_bytes is not None:
+            text.append(
+                f"device total {format_bytes(self.device_total_bytes)} = resident {format_bytes(self.resident_bytes)} (weights, "
+                f"buffers {format_bytes(self.buffers_bytes)}, optimizer state, batch {format_bytes(self.batch_bytes)}) + peak; "
+                f"the peak holds saved {format_bytes(self.saved_bytes)}, grads {format_bytes(self.grads_bytes)} and transients "
+                f"{format_bytes(self.transient_bytes or 0)}"
+            )
         text += [f"note: {n}" for n in self.notes]
         return "\n".join(text)
 
@@ -141,6 +178,17 @@ def format_bytes(n: int | float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def batch_bytes(batch: object) -> int:
+    """Bytes of the tensors of a batch: a tensor, or tuples, lists and dicts of them (nested)."""
+    if isinstance(batch, Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, Mapping):
+        return sum(batch_bytes(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(batch_bytes(v) for v in batch)
+    return 0
 
 
 def _storage_key(t: Tensor) -> tuple[str, int]:
@@ -392,6 +440,11 @@ def measure(
                 policy=_policy(policies.get(name, {}), module),
             )
         )
+    by_policy: dict[str, int] = {}
+    for row_policies in policies.values():
+        for policy, nbytes in row_policies.items():
+            name = "factors" if policy == "weight" else policy
+            by_policy[name] = by_policy.get(name, 0) + nbytes
     notes = []
     if device.type == "cpu" and peak is not None:
         notes.append("cpu peak from profiler allocation events: includes every temporary of forward+backward")
@@ -414,4 +467,7 @@ def measure(
         vanilla_peak_bytes=vanilla_peak,
         forward_peak_bytes=forward_peak,
         notes=notes,
+        buffers_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        batch_bytes=batch_bytes(inputs) + batch_bytes(targets),
+        saved_by_policy=by_policy,
     )

@@ -107,3 +107,25 @@ def test_decomposition_workspace_stays_small(shape):
         hosvd(x, 0.9)
     peak = _cpu_allocation_peak(prof)
     assert peak is not None and peak < 8 * x.numel() * 4  # vs 64 MiB for the 4096 x 4096 Gram
+
+
+def test_device_total_is_resident_plus_peak_with_its_parts():
+    """The device total of a step: weights + buffers + optimizer state + batch (resident) +
+    the allocator peak; saved bytes split by policy; transients are the rest of the peak."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 5))
+    actcomp.compress(model, "all", method="hosvd", eps=0.9)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    report = measure(model, x, y, nn.functional.cross_entropy, optimizer=optimizer, vanilla=False)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert report.buffers_bytes == buffers > 0
+    assert report.batch_bytes == x.numel() * 4 + y.numel() * 8
+    assert report.resident_bytes == report.weights_bytes + buffers + report.optimizer_state_bytes + report.batch_bytes
+    assert report.peak_bytes is not None
+    assert report.device_total_bytes == report.resident_bytes + report.peak_bytes
+    assert report.transient_bytes == max(0, report.peak_bytes - report.saved_bytes - report.grads_bytes)
+    assert sum(report.saved_by_policy.values()) == report.saved_bytes
+    assert {"factors", "bits"} <= set(report.saved_by_policy)
+    data = json.loads(report.to_json())
+    assert data["device_total_bytes"] == report.device_total_bytes
+    assert "device total" in report.table()
