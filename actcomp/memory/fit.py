@@ -221,6 +221,16 @@ class _Applied:
             self.optimizer.step()
         return loss
 
+    def state_in_place(self) -> bool:
+        """The optimizer's state exists already (or it keeps none): a step allocates no more of it."""
+        if self.in_backward is not None:
+            optimizers = list(self.in_backward.optimizers.values())
+            if any(o.state for o in optimizers):
+                return True
+        elif self.optimizer.state:
+            return True
+        return _optimizer_state_bytes(self.optimizer) == 0
+
     def _one(self, batch: Any) -> Tensor:
         loss = step_loss(self.model, batch, self.loss_fn)
         loss.backward()
@@ -251,8 +261,9 @@ class FittedStep:
 
     Call it with a batch in the calibration batch's form: ``step(x, y)``, ``step((x, y))``,
     ``step(batch_dict)`` or ``step(**batch_dict)``; it returns the batch's mean loss (detached).
-    The first call is measured (allocator peak + resident bytes) and checked against the
-    budget: over it, :class:`BudgetExceededError` is raised after the step. ``report`` says
+    The first call on which the optimizer's state already exists (the second call for Adam,
+    which creates its state in its first step; the first for stateless SGD: as calibrated) is
+    measured (allocator peak + resident bytes) and checked against the budget: over it, :class:`BudgetExceededError` is raised after the step. ``report`` says
     what was measured and chosen; ``remove()`` returns the model and optimizer to plain use.
     """
 
@@ -268,8 +279,8 @@ class FittedStep:
         batch = kwargs if kwargs else (args[0] if len(args) == 1 else tuple(args))
         if kwargs and args:
             raise TypeError("give the batch either as positional or as keyword arguments, not both")
-        if self.report.measured_total_bytes is not None:
-            return self._applied.step(batch)
+        if self.report.measured_total_bytes is not None or not self._applied.state_in_place():
+            return self._applied.step(batch)  # measured already, or the optimizer creates its state in this step
         params = list(self.model.parameters())
         device = params[0].device if params else torch.device("cpu")
         result: list[Tensor] = []

@@ -180,3 +180,17 @@ def test_bad_settings_are_clear_errors(bad):
     settings = dict(budget="1GiB") | bad
     with pytest.raises(ValueError):
         actcomp.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), batch=(x, y), loss_fn=F.cross_entropy, **settings)
+
+
+def test_the_measured_step_is_the_first_with_the_optimizer_state_in_place():
+    """Adam creates its state in its first step: that step is not the one checked (its state
+    is already counted as resident), the next one is, and it stays within the budget."""
+    model, (x, y) = mlp(), data()
+    total = plain_total(model, x, y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = actcomp.fit(model, optimizer, int(total * 1.6), (x, y), F.cross_entropy)  # Adam's state is resident
+    step(x, y)
+    assert step.report.measured_total_bytes is None and optimizer.state
+    step(x, y)
+    assert step.report.measured_total_bytes is not None
+    assert step.report.measured_total_bytes <= step.report.budget_bytes
