@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -150,6 +151,13 @@ class FitReport:
     candidates: list[FitChoice] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     measured_total_bytes: int | None = None
+    max_error: float = 0.0
+    headroom: float = 0.0
+
+    def fits(self, choice: FitChoice) -> bool:
+        """Within the budget (compressed choices with ``headroom`` to spare) and ``max_error``."""
+        limit = self.budget_bytes if choice.compression is None else int(self.budget_bytes * (1.0 - self.headroom))
+        return choice.total_bytes <= limit and choice.grad_error <= self.max_error
 
     @property
     def resident_bytes(self) -> int:
@@ -162,7 +170,7 @@ class FitReport:
             rows.append([
                 c.describe(), format_bytes(c.total_bytes), format_bytes(c.peak_bytes),
                 f"{c.total_bytes / self.plain.total_bytes:.3f}", f"{c.step_ms / self.plain.step_ms:.2f}x",
-                f"{c.grad_error:.3g}", "<- chosen" if c == self.chosen else ("fits" if c.total_bytes <= self.budget_bytes else ""),
+                f"{c.grad_error:.3g}", "<- chosen" if c == self.chosen else ("fits" if self.fits(c) else ""),
             ])
         lines = [
             f"budget {format_bytes(self.budget_bytes)}; resident {format_bytes(self.resident_bytes)} (weights "
@@ -284,6 +292,9 @@ class FittedStep:
         params = list(self.model.parameters())
         device = params[0].device if params else torch.device("cpu")
         result: list[Tensor] = []
+        # the previous step's gradients go before the window: the peak above the baseline is
+        # then above the resident bytes alone (a gradient freed inside the window would hide it)
+        self.model.zero_grad(set_to_none=True)
         peak, _ = _peak_of(lambda: result.append(self._applied.step(batch)), device)
         resident = self.report.weights_bytes + self.report.buffers_bytes + _optimizer_state_bytes(self._applied.optimizer) + batch_bytes(batch)
         if peak is None:  # no allocator figure on this platform: nothing to check
@@ -335,6 +346,7 @@ class _Calibration:
         self.batch_bytes = batch_bytes(batch)
         self.reference: list[Tensor | None] | None = None
         self.measured: dict[tuple, FitChoice] = {}
+        self.samples: dict[tuple, list[float]] = {}
 
     @property
     def resident(self) -> int:
@@ -386,21 +398,47 @@ class _Calibration:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             applied.step(self.batch)  # warm-up: optimizer state and lazy buffers exist from here on
+            model.zero_grad(set_to_none=True)  # as in FittedStep: the window's baseline is the resident bytes
             peak, _ = _peak_of(lambda: applied.step(self.batch), self.device)
-            times = []
-            for _ in range(self.timing_steps):
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                start = time.perf_counter()
-                applied.step(self.batch)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                times.append((time.perf_counter() - start) * 1e3)
+            times = self._times(applied)
         applied.remove()
         peak = peak or 0
         result = FitChoice(micro_batches, recompute, in_backward, compression, self.resident + peak, peak, statistics.median(times), error)
         self.measured[key] = result
+        self.samples[key] = times
         return result
+
+    def _times(self, applied: _Applied) -> list[float]:
+        """Wall times in ms of ``timing_steps`` steps (the device synchronised around each)."""
+        times = []
+        for _ in range(self.timing_steps):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            applied.step(self.batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    def retime(self, choices: list[FitChoice], rounds: int) -> None:
+        """Time ``choices`` again in ``rounds`` alternating rounds (drift and load on the host hit
+        all alike) and set each one's step_ms to the median of all its samples."""
+        for _ in range(rounds):
+            for choice in choices:
+                model, optimizer = self._copies()
+                applied = _Applied(model, optimizer, choice, self.loss_fn, self.batch, self.frozen_batchnorm)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    applied.step(self.batch)  # warm-up
+                    self.samples[_key(choice)] += self._times(applied)
+                applied.remove()
+        for choice in choices:
+            self.measured[_key(choice)] = dataclasses.replace(choice, step_ms=statistics.median(self.samples[_key(choice)]))
+
+
+def _key(choice: FitChoice) -> tuple:
+    return (choice.micro_batches, choice.recompute, choice.step_in_backward, choice.compression)
 
 
 _PLAIN = FitChoice(1, (), False, None, 0, 0, 0.0, 0.0)
@@ -447,6 +485,7 @@ def fit(
     allow: Sequence[str] = ("micro_batches", "recompute", "step_in_backward", "compression"),
     freeze_batchnorm: bool = False,
     timing_steps: int = 2,
+    retime_rounds: int = 2,
 ) -> FittedStep:
     """Fit one training step of ``model`` with ``optimizer`` into ``budget`` bytes of device memory.
 
@@ -456,7 +495,8 @@ def fit(
     ``(inputs..., targets)`` with ``loss_fn(model(*inputs), targets)``, or a dict passed as
     keyword arguments whose output's ``.loss`` is the loss). Each combination of the levers in
     ``allow`` is measured on copies of the model and optimizer (one warm-up, one profiled and
-    ``timing_steps`` timed steps each; the originals are left as they were and take no update):
+    ``timing_steps`` timed steps each, then the four fastest that fit and plain again in
+    ``retime_rounds`` alternating rounds; the originals are left as they were and take no update):
     if plain autograd fits, the step is plain; otherwise, among the exact combinations
     (micro-batches k in powers of two, recompute of :func:`~actcomp.levers.auto_blocks`, the
     step in backward for the element-wise optimizers) and, with ``method`` at each eps of
@@ -486,7 +526,7 @@ def fit(
     def report(chosen: FitChoice) -> FitReport:
         return FitReport(
             budget_bytes, calibration.weights, calibration.buffers, calibration.state, calibration.batch_bytes,
-            plain, chosen, list(calibration.measured.values()), notes,
+            plain, chosen, list(calibration.measured.values()), notes, max_error=max_error, headroom=headroom,
         )
 
     if plain.total_bytes <= budget_bytes:
@@ -499,29 +539,32 @@ def fit(
         notes.append(f"the step in backward is not exact for {type(optimizer).__name__}: not considered")
     if batch_statistics_modules(model) and len(counts) > 1 and not freeze_batchnorm:
         notes.append("BatchNorm in train mode sees each micro-batch's statistics: its gradient error is measured and bounded by max_error")
-    feasible: list[FitChoice] = []
+    compressed_limit = int(budget_bytes * (1.0 - headroom))
+    fits = report(plain).fits
+
     combos = [(r, s) for r in ([(), blocks] if blocks else [()]) for s in ([False, True] if in_backward_ok else [False])]
-    for recompute, in_backward in combos:
-        found = _smallest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None), counts, budget_bytes)
-        if found is not None and found.grad_error <= max_error:
-            feasible.append(found)
+    for recompute, in_backward in combos:  # the fewest micro-batches that fit, per combination
+        _smallest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None), counts, budget_bytes)
     if "compression" in allow:
-        fastest_exact = min((c.step_ms for c in feasible), default=math.inf)
+        fastest_exact = min((c.step_ms for c in calibration.measured.values() if fits(c)), default=math.inf)
         for eps in sorted(eps_grid, reverse=True):
             config = CompressionConfig(method, eps)
             first = calibration.measure(1, (), False, config)
-            if first.grad_error > max_error:
-                notes.append(f"{method} eps {eps:g}: gradient error {first.grad_error:.3g} > max_error {max_error:g}")
-                continue
-            if feasible and first.step_ms >= fastest_exact:
+            if first.step_ms >= fastest_exact:
                 continue  # compression is only used where it is needed or faster
             for recompute, in_backward in combos:
-                found = _smallest_fitting(
-                    lambda k: calibration.measure(k, recompute, in_backward, config), counts, int(budget_bytes * (1.0 - headroom))
-                )
-                if found is not None and found.grad_error <= max_error:
-                    feasible.append(found)
-                    break
+                _smallest_fitting(lambda k: calibration.measure(k, recompute, in_backward, config), counts, compressed_limit)
+    for choice in calibration.measured.values():
+        if choice.compression is not None and choice.grad_error > max_error and choice.total_bytes <= compressed_limit:
+            notes.append(f"{choice.describe()}: gradient error {choice.grad_error:.3g} > max_error {max_error:g}")
+    # every measured combination that fits is a candidate, not only each search's last:
+    # the fastest of them is applied
+    feasible = [c for c in calibration.measured.values() if fits(c)]
+    if len(feasible) > 1 and retime_rounds > 0:  # the fastest few against plain, interleaved
+        shortlist = sorted(feasible, key=lambda c: c.step_ms)[:4]
+        calibration.retime([calibration.measured[_key(plain)], *shortlist], retime_rounds)
+        plain = calibration.measured[_key(plain)]
+        feasible = [calibration.measured[_key(c)] for c in feasible]
     if not feasible:
         smallest = min(calibration.measured.values(), key=lambda c: c.total_bytes)
         raise ValueError(
