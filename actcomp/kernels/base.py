@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from actcomp.core.lookup import inherited_registration
 from actcomp.methods.base import InputLayout
 
 Kernel = Callable[[nn.Module, Tensor, Any], Tensor]
@@ -208,13 +209,7 @@ def registration_for(module_type: type[nn.Module]) -> Registration | None:
     module_type = _unwrapped(module_type)
     if module_type in _RESOLVED:
         return _RESOLVED[module_type]
-    found = None
-    for cls in module_type.__mro__:
-        registration = _own_registration(cls)
-        if registration is not None:
-            if cls is module_type or getattr(module_type, "forward", None) is getattr(cls, "forward", None):
-                found = registration
-            break
+    found = inherited_registration(module_type, _own_registration)
     _RESOLVED[module_type] = found
     return found
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from actcomp.core.config import CompressionConfig
 from actcomp.linalg.decompose import check_eps
 from actcomp.methods import InputLayout, method_class
+from actcomp.core.lookup import inherited_registration
 from actcomp.core.state import LayerState
 
 ACTIVATION_POLICIES = ("exact", "bits1", "bits2", "bits4", "bits8")
@@ -137,13 +138,7 @@ def neighbour_registration(module_type: type[nn.Module]) -> NeighbourRegistratio
     module_type = getattr(module_type, "_actcomp_base", module_type)
     if module_type in _RESOLVED:
         return _RESOLVED[module_type]
-    found = None
-    for cls in module_type.__mro__:
-        registration = _REGISTRY.get(cls)
-        if registration is not None:
-            if cls is module_type or getattr(module_type, "forward", None) is getattr(cls, "forward", None):
-                found = registration
-            break
+    found = inherited_registration(module_type, _REGISTRY.get)
     _RESOLVED[module_type] = found
     return found
 
