@@ -124,3 +124,10 @@ def test_registry_plugins_import_their_base_module():
                 assert f"actcomp.{package}" not in top_level_imports(path) or name.endswith("__init__"), (
                     f"{name} imports its package's __init__; import {base} instead"
                 )
+
+
+def test_test_files_have_distinct_basenames():
+    """The test folders have no __init__.py: pytest imports each test file by its basename, so
+    two files of one name in different folders would fail to collect."""
+    names = [p.name for p in Path(__file__).resolve().parent.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
