@@ -30,7 +30,6 @@ from torch import nn
 
 import actcomp
 from actcomp.kernels import qualified_name, registered_types, registration_for
-from actcomp.kernels.linear import LINEAR
 from actcomp.methods import method_class
 from actcomp.peft import svd_adapt, svd_conv1d_class
 from conftest import rel_err

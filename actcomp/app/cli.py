@@ -18,9 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from actcomp.core.config import CompressionConfig
-from actcomp.methods import method_names
+from actcomp.linalg.numerics import check_eps
+from actcomp.methods import method_class, method_names
+from actcomp.methods.base import Setting
 from actcomp.app.files import check_output_dir, check_output_file
+from actcomp.optim.factory import OPTIMIZER_NAMES
 
 
 def _resolve_devices(args: argparse.Namespace, cpu_only: bool = False) -> None:
@@ -63,8 +65,8 @@ def _demo_vit(args: argparse.Namespace) -> int:
     _check_training_numbers(args)
     eps = 0.9 if args.eps is None else args.eps
     neighbour_eps = 0.99 if args.neighbour_eps is None else args.neighbour_eps
-    CompressionConfig("hosvd", eps)  # a bad eps fails here, before any training
-    CompressionConfig("hosvd", neighbour_eps)
+    check_eps(eps)  # a bad eps fails here, before any training
+    check_eps(neighbour_eps)
     out = check_output_dir(args.out)
     rows = run_token_demo(
         eps=eps, neighbour_eps=neighbour_eps, pretrain_epochs=args.pretrain_epochs if args.pretrain_epochs is not None else 20,
@@ -93,8 +95,8 @@ def _demo(args: argparse.Namespace) -> int:
     args.pretrain_epochs = 6 if args.pretrain_epochs is None else args.pretrain_epochs
     args.every_eps = 0.95 if args.every_eps is None else args.every_eps
     _resolve_devices(args)
-    CompressionConfig("hosvd", args.eps)  # bad settings and outputs fail here, before any training
-    CompressionConfig("hosvd", args.every_eps)
+    check_eps(args.eps)  # bad settings and outputs fail here, before any training
+    check_eps(args.every_eps)
     _check_budget(args.budget)
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
@@ -121,13 +123,30 @@ def _check_training_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def _method_setting_options() -> dict[str, tuple[Setting, tuple[str, ...]]]:
+    """Every setting the registered methods declare (``own_settings``), by name, with the
+    methods declaring it: each is the command line option ``--name``."""
+    options: dict[str, tuple[Setting, tuple[str, ...]]] = {}
+    for method in method_names():
+        for setting in method_class(method).own_settings:
+            first, methods = options.get(setting.name, (setting, ()))
+            options[setting.name] = (first, (*methods, method))
+    return options
+
+
+def _given_method_settings(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    """The method settings given on the command line, as (name, value) pairs (those not given
+    take the method's defaults; one the chosen method does not declare is refused)."""
+    return tuple((name, getattr(args, name)) for name in _method_setting_options() if getattr(args, name) is not None)
+
+
 def _finetune_config(args: argparse.Namespace):
     from actcomp.app.finetune import FinetuneConfig
 
     _resolve_devices(args)
     config = FinetuneConfig(
         model=args.model, data=args.data, size=args.size, layers=args.layers, method=args.method, eps=args.eps,
-        patch=args.patch, budget=args.budget, target=args.target, epochs=getattr(args, "epochs", 1),
+        method_settings=_given_method_settings(args), budget=args.budget, target=args.target, epochs=getattr(args, "epochs", 1),
         batch_size=args.batch_size, lr=getattr(args, "lr", 3e-3), optimizer=getattr(args, "optimizer", "adam"),
         seed=args.seed, weights=args.weights,
     )
@@ -187,7 +206,7 @@ def _compare_peft(args: argparse.Namespace) -> int:
     from actcomp.app.compare import format_peft_table, run_peft_compare, write_csv
     from actcomp.app.plots import plot_compare
 
-    CompressionConfig("hosvd", args.eps)
+    check_eps(args.eps)
     if args.max_layers < 1:
         raise ValueError(f"--max-layers must be at least 1, got {args.max_layers}")
     if args.reflections < 2 or args.reflections % 2:
@@ -208,7 +227,7 @@ def _compare_optimizers(args: argparse.Namespace) -> int:
     from actcomp.app.optim_compare import format_points, run_optimizer_compare
 
     names = tuple(n.strip() for n in args.optimizers.split(","))
-    CompressionConfig("hosvd", args.eps)
+    check_eps(args.eps)
     points = run_optimizer_compare(
         optimizers=names, layers=args.max_layers, eps=args.eps, pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
@@ -220,7 +239,7 @@ def _compare_optimizers(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from actcomp.app.compare import run_compare, write_csv
+    from actcomp.app.compare import run_compare, variants, write_csv
     from actcomp.app.plots import plot_compare
 
     _resolve_devices(args, cpu_only=args.peft or bool(args.optimizers))
@@ -234,9 +253,7 @@ def _compare(args: argparse.Namespace) -> int:
         patches = tuple(int(p) for p in args.patches.split(","))
     except ValueError:
         raise ValueError(f"--patches must be comma-separated whole numbers, got {args.patches!r}") from None
-    for method in methods:
-        for patch in patches:
-            CompressionConfig(method, args.eps, patch)
+    variants(methods, args.eps, patches)  # bad methods and settings fail here, before any training
     if args.max_layers < 1:
         raise ValueError(f"--max-layers must be at least 1, got {args.max_layers}")
     _check_training_numbers(args)
@@ -343,7 +360,8 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--layers", default="last:4", help="last:N, all, re:<pattern> or comma-separated names (default last:4)")
     p.add_argument("--method", default="hosvd", choices=list(method_names()))
     p.add_argument("--eps", type=float, default=0.8, help="explained variance kept, in (0, 1] (default 0.8)")
-    p.add_argument("--patch", type=int, default=4, help="gradient_filter patch size r (default 4)")
+    for name, (setting, _) in _method_setting_options().items():  # gradient_filter's --patch, ...
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(setting.default), default=None, help=f"{setting.help} (default {setting.default})")
     p.add_argument("--budget", help="plan eps per layer for this many bytes kept by autograd (e.g. 512KiB)")
     p.add_argument("--target", metavar="PROFILE", help="plan for a device profile's budget: a name from 'actcomp devices' or a .toml file")
     _add_device_option(p)
@@ -352,8 +370,8 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
     if training:
         p.add_argument("--epochs", type=int, default=5)
         p.add_argument("--lr", type=float, default=3e-3)
-        p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "adam", "singd", "hylo"],
-                       help="singd and hylo build their curvature from the stored factors (see README)")
+        p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZER_NAMES),
+                       help="sgd (momentum 0), momentum (0.9), adam; singd and hylo build their curvature from the stored factors (see README)")
 
 
 def _add_device_option(p: argparse.ArgumentParser, cpu_only: bool = False) -> None:
@@ -431,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--lr", type=float, default=3e-3, help="--peft: Adam learning rate of every run (default 3e-3, the demo's)")
     compare.add_argument(
         "--optimizers", metavar="LIST",
-        help="compare optimizers instead (sgd,adam,singd,hylo): hosvd at --eps on the last --max-layers layers; writes optimizers.csv",
+        help="compare optimizers instead (momentum,adam,singd,hylo; sgd is plain SGD): hosvd at --eps on the last --max-layers layers; writes optimizers.csv",
     )
     compare.set_defaults(run=_compare)
 

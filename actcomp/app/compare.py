@@ -39,10 +39,13 @@ class ComparePoint:
 
 
 def variants(methods: tuple[str, ...], eps: float, patches: tuple[int, ...]) -> list[tuple[str, CompressionConfig]]:
+    """(label, config) of every run: one per method at ``eps``, one per patch size for a method
+    that declares the setting ``patch`` (gradient_filter R2, R4, ...). ValueError for an
+    unknown method or a setting that cannot work."""
     out = []
     for method in methods:
-        if "patch" in method_class(method).settings:
-            out += [(f"{method} R{r}", CompressionConfig(method, eps, r)) for r in patches]
+        if any(s.name == "patch" for s in method_class(method).own_settings):
+            out += [(f"{method} R{r}", CompressionConfig(method, eps, patch=r)) for r in patches]
         else:
             out.append((method, CompressionConfig(method, eps)))
     return out

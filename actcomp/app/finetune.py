@@ -17,15 +17,17 @@ import re
 import statistics
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from actcomp.core.config import CompressionConfig
+from actcomp.methods import method_class, method_names
+from actcomp.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from actcomp.app.data import digits, image_folder, split
 from actcomp.app.files import check_output_dir
 from actcomp.core.files import atomic_torch_save, atomic_write_text, load_plain, temporary_path
@@ -36,7 +38,7 @@ from actcomp.app.models import TinyMobileNet
 from actcomp.app.torch_device import torch_device
 
 BUILTIN_MODELS = ("tiny_mobilenet",)
-OPTIMIZERS = ("sgd", "momentum", "adam", "singd", "hylo")
+OPTIMIZERS = OPTIMIZER_NAMES  # see actcomp.optim.factory.make_optimizer
 RUN_FILES = ("config.json", "plan.json", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt")
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "layers", "metrics", "epoch")
 
@@ -91,7 +93,10 @@ def load_data(data: str, size: int = 32, seed: int = 0) -> Dataset:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything a run depends on; stored in the output directory as config.json."""
+    """Everything a run depends on; stored in the output directory as config.json
+    (:meth:`as_dict`). ``method_settings``: the method's own settings given for the run, as
+    (name, value) pairs (``(("patch", 2),)`` for gradient_filter); the method's defaults fill
+    in the others (:meth:`compression_config`)."""
 
     model: str = "tiny_mobilenet"
     data: str = "digits"
@@ -99,7 +104,7 @@ class FinetuneConfig:
     layers: str = "last:4"  # "last:N", "all", "re:...", or comma-separated names
     method: str = "hosvd"
     eps: float = 0.8
-    patch: int = 4
+    method_settings: tuple[tuple[str, Any], ...] = ()
     budget: str | None = None
     target: str | None = None  # a device profile (actcomp.devices): plan for its budget
     epochs: int = 5
@@ -111,7 +116,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work (before any work is done)."""
-        CompressionConfig(self.method, self.eps, self.patch)
+        self.compression_config()
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.optimizer == "singd":
@@ -132,20 +137,42 @@ class FinetuneConfig:
         if self.weights is not None and not Path(self.weights).is_file():
             raise ValueError(f"weights file '{self.weights}' does not exist")
 
+    def compression_config(self) -> CompressionConfig:
+        """The compression these settings ask for (ValueError when it cannot work)."""
+        return CompressionConfig(self.method, self.eps, method_settings=self.method_settings)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as config.json stores them: one flat object, the method's own settings
+        (given or default, e.g. ``"patch"`` for gradient_filter) in place of ``method_settings``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "method_settings":
+                out.update(dict(self.compression_config().method_settings))
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
     @staticmethod
     def from_dict(data: object, where: str = "config") -> "FinetuneConfig":
-        """The config stored in a run directory's config.json. Runs written before the profile
-        option was renamed store it as ``device``; that key is read as ``target``."""
+        """The config stored in a run directory's config.json (:meth:`as_dict`). Runs written
+        before the profile option was renamed store it as ``device``; that key is read as
+        ``target``. Runs written before methods declared their own settings store ``patch``
+        whatever the method; a setting that only other methods declare is dropped."""
         if not isinstance(data, dict):
             raise ValueError(f"{where} does not hold a JSON object")
         data = dict(data)
         if "device" in data and "target" not in data:
             data["target"] = data.pop("device")
-        known = {f.name for f in fields(FinetuneConfig)}
+        own = {s.name for s in method_class(data.get("method", FinetuneConfig.method)).own_settings}
+        others = {s.name for name in method_names() for s in method_class(name).own_settings} - own
+        settings = tuple((k, data.pop(k)) for k in list(data) if k in own)
+        known = {f.name for f in fields(FinetuneConfig)} - {"method_settings"}
+        for k in others - known:
+            data.pop(k, None)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}")
-        return FinetuneConfig(**data)
+        return FinetuneConfig(**data, method_settings=settings)
 
 
 def parse_budget(budget: int | float | str) -> int:
@@ -181,9 +208,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """
     state = load_plain(path, "weights file")
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        kind = type(state).__name__
+        held_type = type(state).__name__
         raise ValueError(
-            f"weights file '{path}' holds a {kind}, not a state_dict (names to tensors); "
+            f"weights file '{path}' holds a {held_type}, not a state_dict (names to tensors); "
             "save one with torch.save(model.state_dict(), path)"
         )
     own = model.state_dict()
@@ -199,16 +226,6 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise ValueError(f"weights file '{path}' does not fit model {type(model).__name__}: {'; '.join(problems)}")
     model.load_state_dict(state)
     return model
-
-
-def _optimizer(name: str, params: list[nn.Parameter], lr: float, model: nn.Module) -> torch.optim.Optimizer:
-    if name in ("singd", "hylo"):  # second-order, statistics from the stored factors
-        from actcomp.app.optim_compare import make_optimizer
-
-        return make_optimizer(name, model, lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
 
 
 def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | None = None) -> tuple[nn.Module, Plan | None]:
@@ -237,7 +254,7 @@ def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | 
     modules = dict(model.named_modules())
     for name in names:
         modules[name].requires_grad_(True)
-    compress(model, names, config=CompressionConfig(config.method, config.eps, config.patch))
+    compress(model, names, config=config.compression_config())
     return model, None
 
 
@@ -333,8 +350,9 @@ def run_finetune(
         if not checkpoint_path.exists():
             raise ValueError(f"nothing to resume: '{checkpoint_path}' does not exist")
         stored = _stored_config(out)
-        if asdict(stored) != asdict(config):
-            changed = [f.name for f in fields(config) if getattr(config, f.name) != getattr(stored, f.name)]
+        stored_settings, settings = stored.as_dict(), config.as_dict()
+        if stored_settings != settings:
+            changed = [k for k in {**stored_settings, **settings} if stored_settings.get(k) != settings.get(k)]
             if changed != ["epochs"]:
                 raise ValueError(f"cannot resume with different settings: {', '.join(changed)} differ from {out / 'config.json'}")
         checkpoint = load_checkpoint(checkpoint_path, device)
@@ -345,8 +363,7 @@ def run_finetune(
         )
     data = load_data(config.data, config.size, config.seed)
     model, chosen = prepare(config, data, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(config.optimizer, params, config.lr, model)
+    optimizer = make_optimizer(config.optimizer, model, config.lr)
     metrics: list[dict] = []
     start_epoch = 0
     if checkpoint is not None:
@@ -363,7 +380,7 @@ def run_finetune(
     else:
         for name in existing:  # only with overwrite=True: the old run goes once the new one is ready
             (out / name).unlink()
-        atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2))
+        atomic_write_text(out / "config.json", json.dumps(config.as_dict(), indent=2))
         if chosen is not None:
             atomic_write_text(out / "plan.json", chosen.to_json())
     loss_fn = nn.CrossEntropyLoss()

@@ -1,6 +1,9 @@
 """The torch device a command trains and measures on (``--device cpu|cuda|cuda:0|mps``).
 
-Not to be confused with :mod:`actcomp.devices`, the profiles of edge devices (``--target``).
+Not to be confused with :mod:`actcomp.devices`: that package holds *device profiles*, the
+memory and compute of edge devices a run is planned for (``--target stm32h743``, a .toml file);
+this module only resolves the ``torch.device`` the tensors live on. In the application, a
+"torch device" is what ``--device`` names and a "profile" (or target) what ``--target`` names.
 A string that ``torch.device`` accepts names a torch device; anything else (``stm32h743``,
 ``board.toml``) cannot be one, which is how the command line tells the deprecated
 ``--device <profile>`` spelling apart.
@@ -22,12 +25,13 @@ def is_torch_device(spec: str) -> bool:
     return True
 
 
-def _available(kind: str) -> tuple[bool, int]:
-    if kind == "cpu":
+def _available(device_type: str) -> tuple[bool, int]:
+    """Whether this machine has torch devices of ``device_type`` (cpu, cuda, ...), and how many."""
+    if device_type == "cpu":
         return True, 1
-    if kind == "cuda":
+    if device_type == "cuda":
         return torch.cuda.is_available(), torch.cuda.device_count()
-    if kind == "mps":
+    if device_type == "mps":
         return torch.backends.mps.is_available(), 1
     xpu = getattr(torch, "xpu", None)
     ok = xpu is not None and xpu.is_available()

@@ -213,11 +213,11 @@ class LayerState:
             "kind": self.kind,
             "method": self.config.method,
             "eps": self.config.eps,
-            "patch": self.config.patch,
+            **dict(self.config.method_settings),  # the method's own settings (gradient_filter: patch)
             "method_state": self.compressor.state_dict(self.method_state),
         }
 
     def load_state_dict(self, data: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` gave (settings and the method's carried state)."""
-        self.configure(CompressionConfig(data["method"], data["eps"], data["patch"]))
+        self.configure(CompressionConfig.from_dict(data))
         self.method_state = self.compressor.load_state_dict(data.get("method_state", {}))

@@ -9,14 +9,14 @@ per-layer state between steps (``new_state``, e.g. asi's tracked subspaces). The
 (actcomp.kernels) tells the method how the input is laid out (:class:`InputLayout`): how many
 leading modes are samples for the weight gradient, and its spatial modes.
 
-Adding a method is one file here, imported at the bottom of this module, plus its row in the
+Adding a method is one file in this package, imported by its __init__.py, plus its row in the
 conformance test's ``METHOD_ROWS``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from torch import Tensor
 
@@ -44,6 +44,31 @@ class InputLayout:
         return len(self.stride)
 
 
+#: Keywords of CompressionConfig that are not method settings.
+_RESERVED_SETTING_NAMES = frozenset({"method", "eps", "method_settings"})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A setting a method declares for itself (beyond ``eps``, which every method takes).
+
+    ``name``: the keyword of :class:`~actcomp.CompressionConfig` (``CompressionConfig(
+    "gradient_filter", patch=2)``, read back as ``config.patch``) and of the command line
+    option ``--name`` (underscores as dashes); ``default``: its value when not given (the
+    command line parses the option with ``type(default)``); ``check``: returns the value to
+    store, or raises ValueError saying what is wrong; ``help``: one line for ``--help``.
+    """
+
+    name: str
+    default: Any
+    check: Callable[[Any], Any]
+    help: str
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name in _RESERVED_SETTING_NAMES:
+            raise ValueError(f"a method setting needs an identifier other than {sorted(_RESERVED_SETTING_NAMES)} as its name, got {self.name!r}")
+
+
 class Compressor:
     """Base class of a compression method. Subclasses set ``name`` and implement ``compress``.
 
@@ -53,7 +78,9 @@ class Compressor:
     autograd's. ``reconstructs``: the weight gradient is plain autograd's applied to
     ``factors.reconstruct()`` (and dX, db stay exact). ``neighbour_method``: the method
     that factors its neighbours' tensors (BatchNorm's x_hat) when ``knob`` is not eps (a method
-    that tunes eps factors them itself).
+    that tunes eps factors them itself). ``own_settings``: the settings the method declares
+    for itself (:class:`Setting`: name, default, check, help); :class:`~actcomp.CompressionConfig`
+    takes them as keywords and refuses any other, and the command line offers each as an option.
     """
 
     name: ClassVar[str] = ""
@@ -62,6 +89,7 @@ class Compressor:
     exact_at_one: ClassVar[bool] = True
     reconstructs: ClassVar[bool] = True
     neighbour_method: ClassVar[str] = "hosvd"
+    own_settings: ClassVar[tuple[Setting, ...]] = ()
 
     def __init__(self, config: "CompressionConfig") -> None:
         self.config = config

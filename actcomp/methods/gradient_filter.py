@@ -6,7 +6,7 @@ constant), and a convolution keeps its input averaged over the input region of e
 filtered gradient (exact for it); dW[o, c, taps] = r^2 sum_{b,p} gbar[b,o,p] xbar[b,c,p] on every
 tap (the filter's assumption that the input is constant within a patch); db = sum dY.
 Layers without spatial modes (Linear) stay exact: plain autograd. ``eps`` is unused; the
-setting is ``patch``.
+setting is ``patch`` (declared in ``own_settings``: ``CompressionConfig("gradient_filter", patch=2)``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from actcomp.linalg.decompose import NonFiniteActivationError
 from actcomp.linalg.factors import PatchMeans
-from actcomp.methods.base import Compressor, InputLayout, register_method
+from actcomp.methods.base import Compressor, InputLayout, Setting, register_method
 
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -30,12 +30,20 @@ def patch_means(t: Tensor, size: tuple[int, ...]) -> Tensor:
     return _AVG_POOL[len(size)](t, size, size, ceil_mode=True)
 
 
+def check_patch(patch: object) -> int:
+    """``patch`` if it is a whole number >= 1 (the filter's r), else ValueError."""
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"patch must be a whole number >= 1 (the gradient filter's r), got {patch!r}")
+    return patch
+
+
 @register_method
 class GradientFilter(Compressor):
     """Patch-averaged input and output gradient; Linear layers exact."""
 
     name = "gradient_filter"
     settings = ("patch",)
+    own_settings = (Setting("patch", 4, check_patch, "gradient_filter patch size r"),)
     knob = None
     exact_at_one = False
     reconstructs = False

@@ -136,7 +136,7 @@ def test_bad_files_are_one_line_and_exit_2_before_training(argv, message, capsys
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("actcomp.app.demo.make_task", lambda *a, **k: pytest.fail("the demo trained before refusing"))
     monkeypatch.setattr("actcomp.app.compare.make_task", lambda *a, **k: pytest.fail("compare trained before refusing"))
-    monkeypatch.setattr("actcomp.app.finetune._optimizer", lambda *a, **k: pytest.fail("finetune got to training before refusing"))
+    monkeypatch.setattr("actcomp.app.finetune.make_optimizer", lambda *a, **k: pytest.fail("finetune got to training before refusing"))
     assert main([*argv, *(["--no-progress"] if argv[0] in ("finetune", "demo", "compare") else [])]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -167,7 +166,7 @@ def test_sigkill_during_a_checkpoint_write_loses_nothing(tmp_path, uninterrupted
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
     out, marker = tmp_path / "run", tmp_path / "marker"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps(asdict(QUICK_RUN)))
+    (out / "config.json").write_text(json.dumps(QUICK_RUN.as_dict()))
     torch.save({"model": {}, "optimizer": {}, "rng": MakesMarker(marker), "layers": {}, "metrics": [], "epoch": 1}, out / "checkpoint.pt")
     assert main(quick_argv(out, "--resume")) == 2
     err = capsys.readouterr().err
@@ -178,7 +177,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
 def test_a_truncated_checkpoint_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps(asdict(QUICK_RUN)))
+    (out / "config.json").write_text(json.dumps(QUICK_RUN.as_dict()))
     torch.save({"model": {"w": torch.randn(1000)}}, out / "checkpoint.pt")
     data = (out / "checkpoint.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(data[: len(data) // 3])
@@ -243,7 +242,7 @@ def test_disk_full_mid_run_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_config_of_an_older_run_reads_device_as_target():
-    old = {**asdict(FinetuneConfig()), "device": "stm32h743"}
+    old = {**FinetuneConfig().as_dict(), "device": "stm32h743"}
     del old["target"]
     assert FinetuneConfig.from_dict(old).target == "stm32h743"
     with pytest.raises(ValueError, match="unknown setting\\(s\\) 'colour'"):
