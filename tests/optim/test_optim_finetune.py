@@ -65,7 +65,7 @@ def test_state_bytes_counts_what_each_optimizer_keeps():
 
 
 def test_compare_optimizers_command(tmp_path, capsys):
-    names = "sgd,adam,hylo,singd" if importlib.util.find_spec("singd") else "sgd,adam,hylo"
+    names = "momentum,adam,hylo,singd" if importlib.util.find_spec("singd") else "momentum,adam,hylo"
     argv = ["compare", "--optimizers", names, "--max-layers", "2", "--epochs", "1", "--pretrain-epochs", "1",
             "--batch-size", "256", "--out", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
@@ -76,5 +76,5 @@ def test_compare_optimizers_command(tmp_path, capsys):
     assert len({p["saved_bytes"] for p in points}) == 1  # same compression, same first batch
     assert all(int(p["layer_bytes"]) < int(p["input_bytes"]) for p in points)
     state = {p["optimizer"]: int(p["state_bytes"]) for p in points}
-    assert 0 < state["sgd"] < state["adam"] < state["hylo"]
+    assert 0 < state["momentum"] < state["adam"] < state["hylo"]  # "momentum": SGD with 0.9 ("sgd" keeps no state)
     assert all(0 <= float(p["accuracy"]) <= 1 for p in points)
