@@ -36,3 +36,17 @@ def sigkill_when_blocked(argv: list[str], cwd) -> None:
             child.wait()
         child.stdout.close()
         child.stderr.close()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_levers(request):
+    """tests/levers use tiny float64 models: one intra-op thread is faster than several (and
+    does not spin against other processes on a shared machine). Kept here, not in a conftest of
+    that folder: a second conftest module would shadow this one for ``from conftest import``."""
+    if "levers" not in request.node.path.parts:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -131,3 +131,10 @@ def test_test_files_have_distinct_basenames():
     two files of one name in different folders would fail to collect."""
     names = [p.name for p in Path(__file__).resolve().parent.rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_one_conftest():
+    """Test files import helpers with ``from conftest import ...``: a conftest.py in a subfolder
+    would be the module that name finds for some of them."""
+    here = Path(__file__).resolve().parent
+    assert [p.relative_to(here).as_posix() for p in here.rglob("conftest.py")] == ["conftest.py"]
