@@ -33,7 +33,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,55 +41,22 @@ import torch
 from torch import Tensor, nn
 
 from actcomp.attach.swap import compress, restore
+from actcomp.core.batch import batch_bytes, step_loss
+from actcomp.core.batch import model_inputs as _inputs_of
 from actcomp.core.config import CompressionConfig
 from actcomp.levers.microbatch import _batch_size as _size_along_dim0
 from actcomp.levers.microbatch import batch_statistics_modules, freeze_batchnorm, microbatch_step
 from actcomp.levers.recompute import Recompute, auto_blocks, checkpoint_blocks
 from actcomp.levers.step_in_backward import EXACT_OPTIMIZERS, StepInBackward, optimizer_in_backward
 from actcomp.memory.format import aligned_table
-from actcomp.memory.measure import _optimizer_state_bytes, _peak_of, batch_bytes, format_bytes, rebuilt_optimizer
+from actcomp.memory.measure import _optimizer_state_bytes, _peak_of, format_bytes, rebuilt_optimizer
 from actcomp.memory.plan import parse_bytes
 
-__all__ = ["BudgetExceededError", "FitChoice", "FitReport", "FittedStep", "fit", "batch_bytes", "step_loss"]
+__all__ = ["BudgetExceededError", "FitChoice", "FitReport", "FittedStep", "fit"]
 
 
 class BudgetExceededError(MemoryError):
     """A fitted step's measured device total exceeded its budget."""
-
-
-def step_loss(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Tensor:
-    """The training loss of ``model`` on ``batch``, as users hold batches.
-
-    A dict (a Hugging Face ``BatchEncoding``) is passed as keyword arguments; a tuple or list
-    as positional arguments, its last element being the targets when ``loss_fn`` is given
-    (``loss_fn(model(*batch[:-1]), batch[-1])``); a tensor as the one argument
-    (``loss_fn(model(x))`` with a loss_fn). Without ``loss_fn`` the output's ``.loss`` (Hugging
-    Face outputs) or the output itself, which must then be a scalar tensor.
-    """
-    if isinstance(batch, Mapping):
-        out = model(**batch)
-        return loss_fn(out, batch) if loss_fn is not None else _output_loss(out)
-    if isinstance(batch, (tuple, list)):
-        if loss_fn is not None:
-            inputs, targets = batch[:-1], batch[-1]
-            return loss_fn(model(*inputs), targets)
-        return _output_loss(model(*batch))
-    out = model(batch)
-    return loss_fn(out) if loss_fn is not None else _output_loss(out)
-
-
-def _output_loss(out: Any) -> Tensor:
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, Mapping):
-        loss = out.get("loss")
-    if loss is None:
-        loss = out
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise TypeError(
-            "without loss_fn the model must return its loss (a scalar tensor, or an output with .loss); "
-            f"got {type(out).__name__}: pass loss_fn"
-        )
-    return loss
 
 
 @dataclass(frozen=True)
@@ -251,17 +218,6 @@ class _Applied:
             self.recompute.remove()
         if self.choice.compression is not None:
             restore(self.model)
-
-
-def _inputs_of(batch: Any, loss_fn: Callable | None) -> Any:
-    """What the model is called with, for compress(sample=): positional inputs without the
-    targets (a tuple), or the batch itself."""
-    if isinstance(batch, (tuple, list)):
-        inputs = tuple(batch[:-1]) if loss_fn is not None else tuple(batch)
-        return inputs[0] if len(inputs) == 1 else inputs
-    if isinstance(batch, Mapping):
-        return None  # keyword batches: selection by module order
-    return batch
 
 
 class FittedStep:

@@ -17,7 +17,6 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from actcomp.attach.swap import compressed_layers, layer_state, suspended
 from actcomp.policies import NeighbourState
 from actcomp.kernels import base_type
+from actcomp.core.batch import batch_bytes
 from actcomp.core.dispatch import kept_policy, kept_tensors, observing
 from actcomp.memory.format import aligned_table
 
@@ -178,17 +178,6 @@ def format_bytes(n: int | float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
-
-
-def batch_bytes(batch: object) -> int:
-    """Bytes of the tensors of a batch: a tensor, or tuples, lists and dicts of them (nested)."""
-    if isinstance(batch, Tensor):
-        return batch.numel() * batch.element_size()
-    if isinstance(batch, Mapping):
-        return sum(batch_bytes(v) for v in batch.values())
-    if isinstance(batch, (tuple, list)):
-        return sum(batch_bytes(v) for v in batch)
-    return 0
 
 
 def _storage_key(t: Tensor) -> tuple[str, int]:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.memory.fit import BudgetExceededError, batch_bytes, step_loss
+from actcomp.core.batch import batch_bytes, step_loss
+from actcomp.memory.fit import BudgetExceededError
 
 
 def mlp() -> nn.Module:

@@ -1,0 +1,74 @@
+"""Batches as users hold them: a tensor, a tuple ``(inputs..., targets)``, or a dict of tensors
+(a Hugging Face ``BatchEncoding``) passed as keyword arguments, whose output's ``.loss`` is the
+loss. One definition of how a batch is fed to a model, of its size in bytes and of the loss of a
+step, shared by fit(), measure(), compress(sample=) and the levers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["batch_bytes", "model_inputs", "output_loss", "step_loss"]
+
+
+def batch_bytes(batch: object) -> int:
+    """Bytes of the tensors of a batch: a tensor, or tuples, lists and dicts of them (nested)."""
+    if isinstance(batch, Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, Mapping):
+        return sum(batch_bytes(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(batch_bytes(v) for v in batch)
+    return 0
+
+
+
+def step_loss(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Tensor:
+    """The training loss of ``model`` on ``batch``, as users hold batches.
+
+    A dict (a Hugging Face ``BatchEncoding``) is passed as keyword arguments; a tuple or list
+    as positional arguments, its last element being the targets when ``loss_fn`` is given
+    (``loss_fn(model(*batch[:-1]), batch[-1])``); a tensor as the one argument
+    (``loss_fn(model(x))`` with a loss_fn). Without ``loss_fn`` the output's ``.loss`` (Hugging
+    Face outputs) or the output itself, which must then be a scalar tensor.
+    """
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        return loss_fn(out, batch) if loss_fn is not None else output_loss(out)
+    if isinstance(batch, (tuple, list)):
+        if loss_fn is not None:
+            inputs, targets = batch[:-1], batch[-1]
+            return loss_fn(model(*inputs), targets)
+        return output_loss(model(*batch))
+    out = model(batch)
+    return loss_fn(out) if loss_fn is not None else output_loss(out)
+
+
+def output_loss(out: Any) -> Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        loss = out
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(
+            "without loss_fn the model must return its loss (a scalar tensor, or an output with .loss); "
+            f"got {type(out).__name__}: pass loss_fn"
+        )
+    return loss
+
+
+def model_inputs(batch: Any, loss_fn: Callable | None) -> Any:
+    """What the model is called with, for compress(sample=): positional inputs without the
+    targets (a tuple), or the batch itself."""
+    if isinstance(batch, (tuple, list)):
+        inputs = tuple(batch[:-1]) if loss_fn is not None else tuple(batch)
+        return inputs[0] if len(inputs) == 1 else inputs
+    if isinstance(batch, Mapping):
+        return None  # keyword batches: selection by module order
+    return batch
+
+
