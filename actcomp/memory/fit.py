@@ -302,6 +302,7 @@ class _Calibration:
         self.batch_bytes = batch_bytes(batch)
         self.reference: list[Tensor | None] | None = None
         self.measured: dict[tuple, FitChoice] = {}
+        self.failed: dict[tuple, str] = {}
         self.samples: dict[tuple, list[float]] = {}
 
     @property
@@ -331,10 +332,27 @@ class _Calibration:
             self.reference = _grads(model)
         return self.reference
 
-    def measure(self, micro_batches: int, recompute: tuple[str, ...], in_backward: bool, compression: CompressionConfig | None) -> FitChoice:
+    def measure(
+        self, micro_batches: int, recompute: tuple[str, ...], in_backward: bool, compression: CompressionConfig | None
+    ) -> FitChoice | None:
+        """Measure one combination (cached); None when it cannot run on this batch: a micro-batch
+        count whose chunks a module rejects (one-sample chunks through a BatchNorm in train mode
+        on a 1x1 map), recorded in ``failed`` with the error."""
         key = (micro_batches, recompute, in_backward, compression)
         if key in self.measured:
             return self.measured[key]
+        if key in self.failed:
+            return None
+        if micro_batches == 1:
+            return self._measure(key)
+        try:
+            return self._measure(key)
+        except (RuntimeError, ValueError) as error:
+            self.failed[key] = str(error).splitlines()[0] if str(error) else type(error).__name__
+            return None
+
+    def _measure(self, key: tuple) -> FitChoice:
+        micro_batches, recompute, in_backward, compression = key
         # gradient error: without the step in backward (exact either way), on a fresh copy
         model, optimizer = self._copies()
         probe = FitChoice(micro_batches, recompute, False, compression, 0, 0, 0.0, 0.0)
@@ -410,21 +428,19 @@ def _micro_batch_counts(size: int) -> list[int]:
     return counts
 
 
-def _smallest_fitting(measure: Callable[[int], FitChoice], counts: list[int], limit: int) -> FitChoice | None:
-    """The choice with the fewest micro-batches whose total is within ``limit`` (totals fall as
-    the count grows: binary search over ``counts``), or None when even the largest does not fit."""
-    last = measure(counts[-1])
-    if last.total_bytes > limit:
-        return None
-    low, high, best = 0, len(counts) - 1, last
-    while low < high:
-        middle = (low + high) // 2
-        choice = measure(counts[middle])
-        if choice.total_bytes <= limit:
-            best, high = choice, middle
-        else:
-            low = middle + 1
-    return best
+def _fewest_fitting(measure: Callable[[int], FitChoice | None], counts: list[int], limit: int) -> FitChoice | None:
+    """The choice with the fewest micro-batches whose measured total is within ``limit``, or None.
+
+    Every count is tried in ascending order until one fits: the total does not always fall as
+    the count grows (with the step in backward, one micro-batch never holds all the gradients,
+    but two or more accumulate them all before the last chunk's backward), so no count is
+    skipped by a search that assumes it does. ``measure`` returns None for a count that cannot
+    run (e.g. one-sample chunks through a BatchNorm in train mode)."""
+    for k in counts:
+        choice = measure(k)
+        if choice is not None and choice.total_bytes <= limit:
+            return choice
+    return None
 
 
 def fit(
@@ -500,7 +516,7 @@ def fit(
 
     combos = [(r, s) for r in ([(), blocks] if blocks else [()]) for s in ([False, True] if in_backward_ok else [False])]
     for recompute, in_backward in combos:  # the fewest micro-batches that fit, per combination
-        _smallest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None), counts, budget_bytes)
+        _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None), counts, budget_bytes)
     if "compression" in allow:
         fastest_exact = min((c.step_ms for c in calibration.measured.values() if fits(c)), default=math.inf)
         for eps in sorted(eps_grid, reverse=True):
@@ -509,7 +525,10 @@ def fit(
             if first.step_ms >= fastest_exact:
                 continue  # compression is only used where it is needed or faster
             for recompute, in_backward in combos:
-                _smallest_fitting(lambda k: calibration.measure(k, recompute, in_backward, config), counts, compressed_limit)
+                _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, config), counts, compressed_limit)
+    for (k, recompute, in_backward, compression), error in calibration.failed.items():
+        what = FitChoice(k, recompute, in_backward, compression, 0, 0, 0.0, 0.0).describe()
+        notes.append(f"{what}: cannot run on this batch ({error}): not considered")
     for choice in calibration.measured.values():
         if choice.compression is not None and choice.grad_error > max_error and choice.total_bytes <= compressed_limit:
             notes.append(f"{choice.describe()}: gradient error {choice.grad_error:.3g} > max_error {max_error:g}")

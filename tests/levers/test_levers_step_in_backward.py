@@ -259,3 +259,48 @@ def test_what_cannot_be_exact_is_refused_by_name():
     with pytest.raises(TypeError, match="supports exactly"):
         optimizer_in_backward(model, lambda groups: MySGD(groups, lr=0.1))
     assert torch.optim.SGD in EXACT_OPTIMIZERS
+
+
+def _round_state_to(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+    """The reference for state_dtype: after each plain step, every moment rounded to dtype."""
+    for p, state in optimizer.state.items():
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == p.shape and value.is_floating_point():
+                value.copy_(value.to(dtype))
+
+
+@pytest.mark.parametrize("cls,settings", [
+    (torch.optim.Adam, dict(lr=1e-2)),
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+], ids=["Adam", "AdamW-amsgrad", "SGD-momentum"])
+def test_state_in_bfloat16_is_the_plain_loop_with_rounded_state(cls, settings):
+    a, b, data = pair("cnn", False)
+    opt = cls(a.parameters(), **settings)
+    handle = optimizer_in_backward(b, cls, state_dtype=torch.bfloat16, **settings)
+    for x, y in data:
+        loss_of(a, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        _round_state_to(opt, torch.bfloat16)
+        loss_of(b, x, y).backward()
+    assert_same(a, b, tol=0.0)
+    for p in b.parameters():
+        moments = [v for v in handle.optimizers[p].state[p].values() if torch.is_tensor(v) and v.shape == p.shape]
+        assert moments and all(v.dtype == torch.bfloat16 for v in moments)
+
+
+def test_state_in_bfloat16_halves_adam_state_and_survives_state_dict():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))  # float32 weights
+    handle = optimizer_in_backward(model, torch.optim.Adam, lr=1e-3, state_dtype=torch.bfloat16)
+    F.cross_entropy(model(torch.randn(4, 64)), torch.randint(0, 5, (4,))).backward()
+
+    def moment_bytes(h):
+        return sum(v.numel() * v.element_size() for p in h.params for v in h.optimizers[p].state[p].values() if v.shape == p.shape)
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert moment_bytes(handle) == weights  # two moments of 2 bytes per 4-byte weight
+    handle.load_state_dict(copy.deepcopy(handle.state_dict()))  # torch casts up on load: stored down again
+    assert moment_bytes(handle) == weights
+    with pytest.raises(ValueError, match="floating-point"):
+        optimizer_in_backward(nn.Linear(2, 2), torch.optim.Adam, state_dtype=torch.int8)

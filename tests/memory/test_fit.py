@@ -195,3 +195,38 @@ def test_the_measured_step_is_the_first_with_the_optimizer_state_in_place():
     step(x, y)
     assert step.report.measured_total_bytes is not None
     assert step.report.measured_total_bytes <= step.report.budget_bytes
+
+
+def test_every_micro_batch_count_is_tried_in_order_until_one_fits():
+    # with the step in backward one micro-batch can fit where two do not (the gradients all
+    # accumulate before the last chunk's backward): a search assuming monotone totals misses it
+    from actcomp.memory.fit import FitChoice, _fewest_fitting
+
+    totals = {1: 190, 2: 205, 4: 200, 8: 193}
+    tried = []
+
+    def measure(k):
+        tried.append(k)
+        return FitChoice(k, (), True, None, totals[k], totals[k], 1.0, 0.0)
+
+    assert _fewest_fitting(measure, [1, 2, 4, 8], 191).micro_batches == 1 and tried == [1]
+    tried.clear()
+    assert _fewest_fitting(measure, [1, 2, 4, 8], 196).micro_batches == 1
+    assert _fewest_fitting(lambda k: None if k == 2 else measure(k), [2, 4, 8], 195).micro_batches == 8
+    assert _fewest_fitting(measure, [1, 2, 4, 8], 100) is None
+
+
+def test_micro_batch_counts_that_cannot_run_are_skipped_and_reported():
+    # one-sample chunks through a train-mode BatchNorm raise in torch ("Expected more than 1
+    # value per channel"): fit skips that count, says so, and still fits with another lever
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).double()
+    x, y = torch.randn(4, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    total = plain_total(model, x, y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="smallest total measured"):
+        actcomp.fit(model, optimizer, int(total * 0.5), (x, y), F.cross_entropy, allow=("micro_batches",), max_error=10.0)
+    step = actcomp.fit(model, optimizer, int(total * 0.999), (x, y), F.cross_entropy, allow=("micro_batches", "step_in_backward"), max_error=10.0)
+    notes = " ".join(step.report.notes)
+    assert "4 micro-batches" in notes and "cannot run" in notes and "value per channel" in notes
+    assert step.report.chosen.micro_batches < 4
