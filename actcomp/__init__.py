@@ -16,6 +16,7 @@ from actcomp.core.config import CompressionConfig, LayerStats
 from actcomp.linalg.decompose import explained_rank, hosvd, truncated_svd
 from actcomp.linalg.factors import LowRank, Tucker
 from actcomp.attach import compress, compressed_layers, layer_state, restore, stats, suspended
+from actcomp.attach.calibrate import calibrate
 from actcomp.kernels import LayerFamily, register_kernel, register_layer, supported_types
 from actcomp.methods import Compressor, InputLayout, method_names, register_method
 from actcomp.policies import Neighbours, NeighbourState
@@ -33,6 +34,7 @@ __all__ = [
     "FitChoice",
     "FitReport",
     "FittedStep",
+    "calibrate",
     "checkpoint_blocks",
     "fit",
     "freeze_batchnorm",

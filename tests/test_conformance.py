@@ -109,6 +109,7 @@ if Conv1D is not None:
 METHOD_ROWS = {
     "hosvd": dict(eps=0.8),
     "asi": dict(eps=0.8),
+    "oneshot": dict(eps=0.8),
     "svd": dict(eps=0.8),
     "syncfree": dict(eps=0.8),
     "gradient_filter": dict(eps=None, config=actcomp.CompressionConfig("gradient_filter", patch=2)),

@@ -168,7 +168,7 @@ def mode_thresholds(eps: float | Sequence[float], modes: int) -> tuple[float, ..
 
 
 @torch.no_grad()
-def hosvd(x: Tensor, eps: float | Sequence[float]) -> Tucker:
+def hosvd(x: Tensor, eps: float | Sequence[float], order: Sequence[int] | None = None) -> Tucker:
     """Sequentially truncated higher-order SVD of x, each mode's rank from explained variance.
 
     The modes are truncated one after another in :func:`truncation_order` (smallest first).
@@ -198,12 +198,16 @@ def hosvd(x: Tensor, eps: float | Sequence[float]) -> Tucker:
     (float64 for float64 input); when squares of x would overflow or underflow, x is divided by
     a power of two first (exact, :func:`finite_scaled`); NaN or Inf raise
     NonFiniteActivationError. Returned in x's dtype as contiguous tensors that share no storage
-    with x. Deterministic; on an accelerator one host sync per mode (its rank).
+    with x. Deterministic; on an accelerator one host sync per mode (its rank). ``order`` (a
+    permutation of the modes) replaces :func:`truncation_order` (method ``oneshot`` truncates
+    its fixed modes first, in the order its steps project them).
     """
     if x.ndim < 1 or x.numel() == 0:
         raise ValueError(f"hosvd needs a non-empty tensor, got shape {tuple(x.shape)}")
     mode_eps = mode_thresholds(eps, x.ndim)
-    order = truncation_order(x.shape)
+    order = truncation_order(x.shape) if order is None else list(order)
+    if sorted(order) != list(range(x.ndim)):
+        raise ValueError(f"hosvd's order must be a permutation of the {x.ndim} modes, got {order}")
     axes = list(range(x.ndim))
     first: list[Unfolding] = []
 
