@@ -64,9 +64,10 @@ class FitChoice:
     """One combination of levers and what it measured on the calibration batch.
 
     ``micro_batches``: chunks per batch; ``recompute``: the blocks recomputed (empty: none);
-    ``step_in_backward``: the optimizer step runs in backward; ``compression``: the
+    ``step_in_backward``: the optimizer step runs in backward (``state_dtype``: its moments
+    stored in that dtype, approximate; None: the parameters' dtype); ``compression``: the
     compression of every trainable layer (None: plain autograd). ``total_bytes``: resident
-    bytes + the step's measured peak; ``peak_bytes``: that peak; ``step_ms``: the step's
+    bytes (the optimizer state as this choice holds it) + the step's measured peak; ``peak_bytes``: that peak; ``step_ms``: the step's
     measured wall time (forward, backward and update); ``grad_error``: ||g - g_plain|| /
     ||g_plain|| on the calibration batch.
     """
@@ -79,11 +80,12 @@ class FitChoice:
     peak_bytes: int
     step_ms: float
     grad_error: float
+    state_dtype: torch.dtype | None = None
 
     @property
     def exact(self) -> bool:
-        """No compression and no gradient error."""
-        return self.compression is None and self.grad_error == 0.0
+        """No compression, no gradient error and the optimizer state in full precision."""
+        return self.compression is None and self.grad_error == 0.0 and self.state_dtype is None
 
     def describe(self) -> str:
         parts = []
@@ -92,7 +94,7 @@ class FitChoice:
         if self.recompute:
             parts.append(f"recompute {len(self.recompute)} blocks")
         if self.step_in_backward:
-            parts.append("step in backward")
+            parts.append("step in backward" + (f" (state {str(self.state_dtype).removeprefix('torch.')})" if self.state_dtype else ""))
         if self.compression is not None:
             parts.append(f"{self.compression.method} eps {self.compression.eps:g}")
         return ", ".join(parts) or "plain"
@@ -172,7 +174,7 @@ class _Applied:
         if choice.recompute:
             self.recompute = checkpoint_blocks(model, list(choice.recompute))
         if choice.step_in_backward:
-            self.in_backward = optimizer_in_backward(model, optimizer)
+            self.in_backward = optimizer_in_backward(model, optimizer, state_dtype=choice.state_dtype)
 
     def step(self, batch: Any) -> Tensor:
         with freeze_batchnorm(self.model) if self.frozen_batchnorm else contextlib.nullcontext():
@@ -205,6 +207,14 @@ class _Applied:
         elif self.optimizer.state:
             return True
         return _optimizer_state_bytes(self.optimizer) == 0
+
+    def state_bytes(self) -> int:
+        """Bytes of the optimizer state this choice holds: the per-parameter optimizers' (in
+        their storage dtype) with the step in backward, else the optimizer's; estimated from a
+        copy stepped once while no state exists yet."""
+        if self.in_backward is not None and any(o.state for o in self.in_backward.optimizers.values()):
+            return _held_state_bytes(self.in_backward.optimizers.values())
+        return _optimizer_state_bytes(self.optimizer)
 
     def _one(self, batch: Any) -> Tensor:
         loss = step_loss(self.model, batch, self.loss_fn)
@@ -252,7 +262,7 @@ class FittedStep:
         # then above the resident bytes alone (a gradient freed inside the window would hide it)
         self.model.zero_grad(set_to_none=True)
         peak, _ = _peak_of(lambda: result.append(self._applied.step(batch)), device)
-        resident = self.report.weights_bytes + self.report.buffers_bytes + _optimizer_state_bytes(self._applied.optimizer) + batch_bytes(batch)
+        resident = self.report.weights_bytes + self.report.buffers_bytes + self._applied.state_bytes() + batch_bytes(batch)
         if peak is None:  # no allocator figure on this platform: nothing to check
             self.report.notes.append("the first step's peak could not be measured (no allocator figure)")
             self.report.measured_total_bytes = resident
@@ -269,6 +279,15 @@ class FittedStep:
     def remove(self) -> None:
         """Undo the levers: compression restored, recompute and the step in backward removed."""
         self._applied.remove()
+
+
+def _held_state_bytes(optimizers: Any) -> int:
+    """Bytes of the distinct storages of the state tensors ``optimizers`` hold."""
+    storages = {
+        (str(v.device), v.untyped_storage().data_ptr()): v.untyped_storage().nbytes()
+        for o in optimizers for state in o.state.values() for v in state.values() if isinstance(v, Tensor)
+    }
+    return sum(storages.values())
 
 
 def _grads(model: nn.Module) -> list[Tensor | None]:
@@ -303,6 +322,7 @@ class _Calibration:
         self.reference: list[Tensor | None] | None = None
         self.measured: dict[tuple, FitChoice] = {}
         self.failed: dict[tuple, str] = {}
+        self.errors: dict[tuple, float] = {}
         self.samples: dict[tuple, list[float]] = {}
 
     @property
@@ -333,12 +353,17 @@ class _Calibration:
         return self.reference
 
     def measure(
-        self, micro_batches: int, recompute: tuple[str, ...], in_backward: bool, compression: CompressionConfig | None
+        self,
+        micro_batches: int,
+        recompute: tuple[str, ...],
+        in_backward: bool,
+        compression: CompressionConfig | None,
+        state_dtype: torch.dtype | None = None,
     ) -> FitChoice | None:
         """Measure one combination (cached); None when it cannot run on this batch: a micro-batch
         count whose chunks a module rejects (one-sample chunks through a BatchNorm in train mode
         on a 1x1 map), recorded in ``failed`` with the error."""
-        key = (micro_batches, recompute, in_backward, compression)
+        key = (micro_batches, recompute, in_backward, compression, state_dtype)
         if key in self.measured:
             return self.measured[key]
         if key in self.failed:
@@ -351,23 +376,29 @@ class _Calibration:
             self.failed[key] = str(error).splitlines()[0] if str(error) else type(error).__name__
             return None
 
+    def _error(self, micro_batches: int, compression: CompressionConfig | None) -> float:
+        """The gradient error of micro-batching and compression (recompute and the step in
+        backward change no gradient), measured once per pair on a fresh copy."""
+        key = (micro_batches, compression)
+        if key not in self.errors:
+            model, optimizer = self._copies()
+            probe = FitChoice(micro_batches, (), False, compression, 0, 0, 0.0, 0.0)
+            applied = _Applied(model, optimizer, probe, self.loss_fn, self.batch, self.frozen_batchnorm)
+            model.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                applied.backward(self.batch)
+            exact = compression is None and (micro_batches == 1 or self.frozen_batchnorm or not batch_statistics_modules(model))
+            self.errors[key] = 0.0 if exact else _relative_error(_grads(model), self.plain_gradient())
+            applied.remove()
+        return self.errors[key]
+
     def _measure(self, key: tuple) -> FitChoice:
-        micro_batches, recompute, in_backward, compression = key
-        # gradient error: without the step in backward (exact either way), on a fresh copy
+        micro_batches, recompute, in_backward, compression, state_dtype = key
+        error = self._error(micro_batches, compression)
+        # memory and time of the real step (update included) on a fresh copy
         model, optimizer = self._copies()
-        probe = FitChoice(micro_batches, recompute, False, compression, 0, 0, 0.0, 0.0)
-        applied = _Applied(model, optimizer, probe, self.loss_fn, self.batch, self.frozen_batchnorm)
-        model.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            applied.backward(self.batch)
-        exact = compression is None and (micro_batches == 1 or self.frozen_batchnorm or not batch_statistics_modules(model))
-        error = 0.0 if exact else _relative_error(_grads(model), self.plain_gradient())
-        applied.remove()
-        del applied, model, optimizer
-        # memory and time of the real step (update included) on another copy
-        model, optimizer = self._copies()
-        choice = FitChoice(micro_batches, recompute, in_backward, compression, 0, 0, 0.0, error)
+        choice = FitChoice(micro_batches, recompute, in_backward, compression, 0, 0, 0.0, error, state_dtype)
         applied = _Applied(model, optimizer, choice, self.loss_fn, self.batch, self.frozen_batchnorm)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -375,9 +406,10 @@ class _Calibration:
             model.zero_grad(set_to_none=True)  # as in FittedStep: the window's baseline is the resident bytes
             peak, _ = _peak_of(lambda: applied.step(self.batch), self.device)
             times = self._times(applied)
+            resident = self.resident - self.state + applied.state_bytes()  # the state as this choice holds it
         applied.remove()
         peak = peak or 0
-        result = FitChoice(micro_batches, recompute, in_backward, compression, self.resident + peak, peak, statistics.median(times), error)
+        result = dataclasses.replace(choice, total_bytes=resident + peak, peak_bytes=peak, step_ms=statistics.median(times))
         self.measured[key] = result
         self.samples[key] = times
         return result
@@ -412,7 +444,7 @@ class _Calibration:
 
 
 def _key(choice: FitChoice) -> tuple:
-    return (choice.micro_batches, choice.recompute, choice.step_in_backward, choice.compression)
+    return (choice.micro_batches, choice.recompute, choice.step_in_backward, choice.compression, choice.state_dtype)
 
 
 _PLAIN = FitChoice(1, (), False, None, 0, 0, 0.0, 0.0)
@@ -478,7 +510,10 @@ def fit(
     statistics (eval mode, affine parameters still trained: the usual fine-tuning setting; the
     plain reference too), which makes micro-batching exact; otherwise a BatchNorm in train mode
     normalises each micro-batch by its own statistics, and the measured gradient error of
-    micro-batching must stay within ``max_error`` like compression's. The choice is applied to ``model`` and ``optimizer`` and
+    micro-batching must stay within ``max_error`` like compression's. ``"bf16_state"`` in
+    ``allow`` (opt-in, approximate) adds the step in backward with the optimizer's moments
+    stored in bfloat16 (:func:`~actcomp.levers.optimizer_in_backward` ``state_dtype``): Adam's
+    state takes half the bytes; each candidate's total counts the state as it holds it. The choice is applied to ``model`` and ``optimizer`` and
     returned as a :class:`FittedStep`; ``step.report`` lists every measured combination. An
     infeasible budget is a ValueError naming the smallest total measured and what it is made of.
     """
@@ -487,7 +522,7 @@ def fit(
         raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
     if not 0.0 <= max_error:
         raise ValueError(f"max_error must be >= 0, got {max_error!r}")
-    known = {"micro_batches", "recompute", "step_in_backward", "compression"}
+    known = {"micro_batches", "recompute", "step_in_backward", "compression", "bf16_state"}
     if set(allow) - known:
         raise ValueError(f"allow names unknown levers {sorted(set(allow) - known)}; known: {sorted(known)}")
     size = _batch_size(batch)
@@ -506,17 +541,22 @@ def fit(
         return FittedStep(_Applied(model, optimizer, plain, loss_fn, batch, freeze_batchnorm), report(plain))
     counts = _micro_batch_counts(size) if "micro_batches" in allow else [1]
     blocks = tuple(auto_blocks(model)) if "recompute" in allow else ()
-    in_backward_ok = "step_in_backward" in allow and type(optimizer) in EXACT_OPTIMIZERS
-    if "step_in_backward" in allow and not in_backward_ok:
+    in_backward_ok = bool({"step_in_backward", "bf16_state"} & set(allow)) and type(optimizer) in EXACT_OPTIMIZERS
+    if {"step_in_backward", "bf16_state"} & set(allow) and not in_backward_ok:
         notes.append(f"the step in backward is not exact for {type(optimizer).__name__}: not considered")
     if batch_statistics_modules(model) and len(counts) > 1 and not freeze_batchnorm:
         notes.append("BatchNorm in train mode sees each micro-batch's statistics: its gradient error is measured and bounded by max_error")
     compressed_limit = int(budget_bytes * (1.0 - headroom))
     fits = report(plain).fits
 
-    combos = [(r, s) for r in ([(), blocks] if blocks else [()]) for s in ([False, True] if in_backward_ok else [False])]
-    for recompute, in_backward in combos:  # the fewest micro-batches that fit, per combination
-        _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None), counts, budget_bytes)
+    steps: list[tuple[bool, torch.dtype | None]] = [(False, None)]
+    if in_backward_ok and "step_in_backward" in allow:
+        steps.append((True, None))
+    if in_backward_ok and "bf16_state" in allow and calibration.state > 0:  # opt-in: approximate updates
+        steps.append((True, torch.bfloat16))
+    combos = [(r, *s) for r in ([(), blocks] if blocks else [()]) for s in steps]
+    for recompute, in_backward, state_dtype in combos:  # the fewest micro-batches that fit, per combination
+        _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None, state_dtype), counts, budget_bytes)
     if "compression" in allow:
         fastest_exact = min((c.step_ms for c in calibration.measured.values() if fits(c)), default=math.inf)
         for eps in sorted(eps_grid, reverse=True):
@@ -524,10 +564,10 @@ def fit(
             first = calibration.measure(1, (), False, config)
             if first.step_ms >= fastest_exact:
                 continue  # compression is only used where it is needed or faster
-            for recompute, in_backward in combos:
-                _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, config), counts, compressed_limit)
-    for (k, recompute, in_backward, compression), error in calibration.failed.items():
-        what = FitChoice(k, recompute, in_backward, compression, 0, 0, 0.0, 0.0).describe()
+            for recompute, in_backward, state_dtype in combos:
+                _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, config, state_dtype), counts, compressed_limit)
+    for (k, recompute, in_backward, compression, state_dtype), error in calibration.failed.items():
+        what = FitChoice(k, recompute, in_backward, compression, 0, 0, 0.0, 0.0, state_dtype).describe()
         notes.append(f"{what}: cannot run on this batch ({error}): not considered")
     for choice in calibration.measured.values():
         if choice.compression is not None and choice.grad_error > max_error and choice.total_bytes <= compressed_limit:
@@ -542,11 +582,12 @@ def fit(
         feasible = [calibration.measured[_key(c)] for c in feasible]
     if not feasible:
         smallest = min(calibration.measured.values(), key=lambda c: c.total_bytes)
+        resident = smallest.total_bytes - smallest.peak_bytes
         raise ValueError(
             f"no combination of {', '.join(allow)} fits {format_bytes(budget_bytes)} within max_error {max_error:g}: the smallest "
             f"total measured is {format_bytes(smallest.total_bytes)} ({smallest.describe()}): resident "
-            f"{format_bytes(calibration.resident)} (weights {format_bytes(calibration.weights)}, optimizer state "
-            f"{format_bytes(calibration.state)}, buffers {format_bytes(calibration.buffers)}, batch "
+            f"{format_bytes(resident)} (weights {format_bytes(calibration.weights)}, optimizer state "
+            f"{format_bytes(resident - calibration.resident + calibration.state)}, buffers {format_bytes(calibration.buffers)}, batch "
             f"{format_bytes(calibration.batch_bytes)}) + peak {format_bytes(smallest.peak_bytes)}"
         )
     chosen = min(feasible, key=lambda c: (c.step_ms, c.total_bytes))

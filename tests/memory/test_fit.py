@@ -230,3 +230,25 @@ def test_micro_batch_counts_that_cannot_run_are_skipped_and_reported():
     notes = " ".join(step.report.notes)
     assert "4 micro-batches" in notes and "cannot run" in notes and "value per channel" in notes
     assert step.report.chosen.micro_batches < 4
+
+
+def test_bf16_state_is_opt_in_and_counted_as_held():
+    model, (x, y) = mlp().float(), data(64)
+    x = x.float()
+    other = copy.deepcopy(model)
+    total = actcomp.fit(other, torch.optim.Adam(other.parameters(), lr=1e-3), "1GiB", (x, y), F.cross_entropy).report.plain.total_bytes
+    other = copy.deepcopy(model)
+    exact = actcomp.fit(other, torch.optim.Adam(other.parameters(), lr=1e-3), int(total * 0.999), (x, y), F.cross_entropy, allow=("step_in_backward",))
+    assert all(c.state_dtype is None for c in exact.report.candidates)  # bf16 state is not taken unless allowed
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    allow = ("step_in_backward", "bf16_state")
+    step = actcomp.fit(model, optimizer, int(total * 0.999), (x, y), F.cross_entropy, allow=allow)
+    by_dtype = {c.state_dtype: c for c in step.report.candidates if c.step_in_backward}
+    weights = step.report.weights_bytes
+    # Adam's two moments: 8 bytes per float32 weight in full precision, 4 in bfloat16 (the
+    # resident part of the total; the peak holds one parameter's moments cast up while it steps)
+    full, half = (by_dtype[d].total_bytes - by_dtype[d].peak_bytes for d in (None, torch.bfloat16))
+    assert full - half == weights
+    assert not by_dtype[torch.bfloat16].exact and "state bfloat16" in by_dtype[torch.bfloat16].describe()
+    with pytest.raises(ValueError, match="known"):
+        actcomp.fit(model, optimizer, "1GiB", (x, y), F.cross_entropy, allow=("fp8_state",))
