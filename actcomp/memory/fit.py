@@ -250,11 +250,27 @@ class FittedStep:
         return self._applied.model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
-        batch = kwargs if kwargs else (args[0] if len(args) == 1 else tuple(args))
-        if kwargs and args:
-            raise TypeError("give the batch either as positional or as keyword arguments, not both")
         if self.report.measured_total_bytes is not None or not self._applied.state_in_place():
-            return self._applied.step(batch)  # measured already, or the optimizer creates its state in this step
+            return self._applied.step(_batch_of(args, kwargs))  # measured already, or the optimizer creates its state in this step
+        loss, total = self.measured(*args, **kwargs)
+        if total is None:  # no allocator figure on this platform: nothing to check
+            self.report.notes.append("the first step's peak could not be measured (no allocator figure)")
+            return loss
+        self.report.measured_total_bytes = total
+        if total > self.report.budget_bytes:
+            raise BudgetExceededError(
+                f"the fitted step's measured device total {format_bytes(total)} exceeds the "
+                f"budget {format_bytes(self.report.budget_bytes)} (calibrated at {format_bytes(self.report.chosen.total_bytes)}): "
+                "this batch keeps more than the calibration batch; fit again on a representative batch or with more headroom"
+            )
+        return loss
+
+    def measured(self, *args: Any, **kwargs: Any) -> tuple[Tensor, int | None]:
+        """One training step on the batch, measured: its loss and its device total, resident
+        bytes (weights, buffers, the optimizer state as held, the batch) + the allocator's peak
+        above them during the step (None where the platform gives no allocator figure). For
+        checking a fitted step on batches other than the calibration one; nothing is raised."""
+        batch = _batch_of(args, kwargs)
         params = list(self.model.parameters())
         device = params[0].device if params else torch.device("cpu")
         result: list[Tensor] = []
@@ -263,22 +279,18 @@ class FittedStep:
         self.model.zero_grad(set_to_none=True)
         peak, _ = _peak_of(lambda: result.append(self._applied.step(batch)), device)
         resident = self.report.weights_bytes + self.report.buffers_bytes + self._applied.state_bytes() + batch_bytes(batch)
-        if peak is None:  # no allocator figure on this platform: nothing to check
-            self.report.notes.append("the first step's peak could not be measured (no allocator figure)")
-            self.report.measured_total_bytes = resident
-            return result[0]
-        self.report.measured_total_bytes = resident + peak
-        if self.report.measured_total_bytes > self.report.budget_bytes:
-            raise BudgetExceededError(
-                f"the fitted step's measured device total {format_bytes(self.report.measured_total_bytes)} exceeds the "
-                f"budget {format_bytes(self.report.budget_bytes)} (calibrated at {format_bytes(self.report.chosen.total_bytes)}): "
-                "this batch keeps more than the calibration batch; fit again on a representative batch or with more headroom"
-            )
-        return result[0]
+        return result[0], None if peak is None else resident + peak
 
     def remove(self) -> None:
         """Undo the levers: compression restored, recompute and the step in backward removed."""
         self._applied.remove()
+
+
+def _batch_of(args: tuple, kwargs: dict) -> Any:
+    """A step's batch from its call: keyword arguments (a dict batch), one argument, or a tuple."""
+    if kwargs and args:
+        raise TypeError("give the batch either as positional or as keyword arguments, not both")
+    return kwargs if kwargs else (args[0] if len(args) == 1 else tuple(args))
 
 
 def _held_state_bytes(optimizers: Any) -> int:

@@ -252,3 +252,20 @@ def test_bf16_state_is_opt_in_and_counted_as_held():
     assert not by_dtype[torch.bfloat16].exact and "state bfloat16" in by_dtype[torch.bfloat16].describe()
     with pytest.raises(ValueError, match="known"):
         actcomp.fit(model, optimizer, "1GiB", (x, y), F.cross_entropy, allow=("fp8_state",))
+
+
+def test_measured_steps_on_other_batches_stay_within_the_budget():
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    budget = int(plain_total(model, x, y) * 0.8)
+    step = actcomp.fit(model, optimizer, budget, (x, y), F.cross_entropy, allow=("micro_batches", "recompute", "step_in_backward"))
+    generator = torch.Generator().manual_seed(7)
+    totals = []
+    for _ in range(4):
+        xb = torch.randn(512, 32, generator=generator, dtype=torch.float64)
+        loss, total = step.measured(xb, torch.randint(0, 10, (512,), generator=generator))
+        assert loss.ndim == 0 and not loss.requires_grad
+        totals.append(total)
+    assert all(t is not None and 0 < t <= budget for t in totals)
+    with pytest.raises(TypeError, match="positional or as keyword"):
+        step.measured(x, y=y)
