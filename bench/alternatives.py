@@ -1,7 +1,8 @@
 """Compression against the exact levers, and what fit() picks, at the same device total.
 
     python bench/alternatives.py [--models resnet18,mobilenet_v2[,vit_b_16]] [--batch 8] [--size 96]
-                                 [--optimizer adam|momentum] [--rounds 3] [--freeze-batchnorm] [--write]
+                                 [--optimizer adam|momentum] [--rounds 3] [--freeze-batchnorm] [--bf16-state]
+                                 [--budgets 0.7,0.5,0.25,0.1] [--other-batches 20] [--key SECTION] [--write]
 
 For each model (torchvision, random weights, 10 classes, train mode, every parameter trained;
 ``vit_b_16`` is built with ``image_size=--size``, which must be divisible by 16), one seeded
@@ -211,7 +212,7 @@ def one_model(name: str, args: argparse.Namespace) -> tuple[str, list[str]]:
     started = time.perf_counter()
     plain_total = calibration.measure(1, (), False, None).total_bytes
     fit_rows: list[tuple[str, FitChoice | None, str]] = []
-    for fraction in BUDGETS:  # first, so that each fit's candidates are what fit itself measured
+    for fraction in args.budgets:  # first, so that each fit's candidates are what fit itself measured
         budget = int(plain_total * fraction)
         chosen, text = run_fit(model, calibration, args.optimizer, budget, args)
         fit_rows.append((f"fit at {fraction:g} x plain ({format_bytes(budget)})", chosen, text))
@@ -292,6 +293,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--freeze-batchnorm", action="store_true", help="BatchNorm on running statistics (fit's freeze_batchnorm=True)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batch (default 0)")
+    parser.add_argument("--budgets", type=lambda text: tuple(float(f) for f in text.split(",")), default=BUDGETS,
+                        help="fractions of plain's device total fit is run at (default 0.7,0.5,0.25,0.1)")
     parser.add_argument("--other-batches", type=int, default=20, help="batches besides the calibration one each fitted step is measured on (default 20)")
     parser.add_argument("--bf16-state", action="store_true", help="let fit store the optimizer moments in bfloat16 (allow 'bf16_state'; approximate)")
     parser.add_argument("--key", default="alternatives", help="BENCHMARKS.md section (default alternatives)")
@@ -307,7 +310,8 @@ def main() -> None:
     command = (
         f"python bench/alternatives.py --models {args.models} --batch {args.batch} --size {args.size} --optimizer {args.optimizer} "
         f"--rounds {args.rounds}{' --freeze-batchnorm' if args.freeze_batchnorm else ''}{' --bf16-state' if args.bf16_state else ''}"
-        f"{f' --other-batches {args.other_batches}' if args.other_batches != 20 else ''}{' --key ' + args.key if args.key != 'alternatives' else ''} --write"
+        f"{f' --other-batches {args.other_batches}' if args.other_batches != 20 else ''}"
+        f"{' --budgets ' + ','.join(f'{b:g}' for b in args.budgets) if args.budgets != BUDGETS else ''}{' --key ' + args.key if args.key != 'alternatives' else ''} --write"
     )
     text = (
         f"## Alternatives to compression at the same device total, {device.type}\n\n"

@@ -14,7 +14,8 @@ step time whose total fits the budget and whose gradient error stays within ``ma
 * the optimizer step in backward (:mod:`actcomp.levers.step_in_backward`): the parameter
   gradients are never all alive, exact for the element-wise optimizers;
 * compression (:func:`actcomp.compress` of every trainable layer, with the default neighbour
-  policies): what autograd keeps -> factors, approximate below eps 1; used only when the exact
+  policies; with recompute, of those outside the recomputed blocks, which keep nothing inside
+  anyway): what autograd keeps -> factors, approximate below eps 1; used only when the exact
   levers do not reach the budget or are slower.
 
 The gradient error of a combination is measured on the calibration batch: ||g - g_plain|| /
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from actcomp.attach.select import select_layers
 from actcomp.attach.swap import compress, restore
 from actcomp.core.batch import batch_bytes, step_loss
 from actcomp.core.batch import model_inputs as _inputs_of
@@ -96,7 +98,8 @@ class FitChoice:
         if self.step_in_backward:
             parts.append("step in backward" + (f" (state {str(self.state_dtype).removeprefix('torch.')})" if self.state_dtype else ""))
         if self.compression is not None:
-            parts.append(f"{self.compression.method} eps {self.compression.eps:g}")
+            where = " outside them" if self.recompute else ""
+            parts.append(f"{self.compression.method} eps {self.compression.eps:g}{where}")
         return ", ".join(parts) or "plain"
 
 
@@ -169,8 +172,9 @@ class _Applied:
         self.frozen_batchnorm = frozen_batchnorm
         self.recompute: Recompute | None = None
         self.in_backward: StepInBackward | None = None
-        if choice.compression is not None:
-            compress(model, "all", config=choice.compression, sample=_inputs_of(sample, loss_fn))
+        if choice.compression is not None:  # inside a recomputed block nothing is kept: no use compressing there
+            layers = (lambda name, _: not _inside(name, choice.recompute)) if choice.recompute else "all"
+            compress(model, layers, config=choice.compression, sample=_inputs_of(sample, loss_fn))
         if choice.recompute:
             self.recompute = checkpoint_blocks(model, list(choice.recompute))
         if choice.step_in_backward:
@@ -284,6 +288,11 @@ class FittedStep:
     def remove(self) -> None:
         """Undo the levers: compression restored, recompute and the step in backward removed."""
         self._applied.remove()
+
+
+def _inside(name: str, blocks: Sequence[str]) -> bool:
+    """``name`` is one of ``blocks`` or a module within one."""
+    return any(name == b or name.startswith(f"{b}.") for b in blocks)
 
 
 def _batch_of(args: tuple, kwargs: dict) -> Any:
@@ -567,6 +576,9 @@ def fit(
     if in_backward_ok and "bf16_state" in allow and calibration.state > 0:  # opt-in: approximate updates
         steps.append((True, torch.bfloat16))
     combos = [(r, *s) for r in ([(), blocks] if blocks else [()]) for s in steps]
+    # compressed combinations compress only the layers outside the recomputed blocks: none there, none to try
+    outside = not blocks or any(not _inside(n, blocks) for n in select_layers(model, "all"))
+    compressed_combos = [c for c in combos if outside or not c[0]]
     for recompute, in_backward, state_dtype in combos:  # the fewest micro-batches that fit, per combination
         _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None, state_dtype), counts, budget_bytes)
     if "compression" in allow:
@@ -576,7 +588,7 @@ def fit(
             first = calibration.measure(1, (), False, config)
             if first.step_ms >= fastest_exact:
                 continue  # compression is only used where it is needed or faster
-            for recompute, in_backward, state_dtype in combos:
+            for recompute, in_backward, state_dtype in compressed_combos:
                 _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, config, state_dtype), counts, compressed_limit)
     for (k, recompute, in_backward, compression, state_dtype), error in calibration.failed.items():
         what = FitChoice(k, recompute, in_backward, compression, 0, 0, 0.0, 0.0, state_dtype).describe()

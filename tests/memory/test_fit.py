@@ -269,3 +269,17 @@ def test_measured_steps_on_other_batches_stay_within_the_budget():
     assert all(t is not None and 0 < t <= budget for t in totals)
     with pytest.raises(TypeError, match="positional or as keyword"):
         step.measured(x, y=y)
+
+
+def test_compression_with_recompute_compresses_only_the_layers_outside_the_blocks():
+    from actcomp.memory.fit import FitChoice, _Applied
+
+    model, (x, y) = mlp(), data(64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    choice = FitChoice(1, ("0",), False, actcomp.CompressionConfig("hosvd", 0.9), 0, 0, 0.0, 0.0)
+    applied = _Applied(model, optimizer, choice, F.cross_entropy, (x, y), False)
+    assert sorted(actcomp.compressed_layers(model)) == ["1.0", "1.2", "2"]
+    assert "hosvd eps 0.9 outside them" in choice.describe()
+    applied.step((x, y))
+    applied.remove()
+    assert not actcomp.compressed_layers(model)
