@@ -111,6 +111,8 @@ METHOD_ROWS = {
     "asi": dict(eps=0.8),
     "oneshot": dict(eps=0.8),
     "svd": dict(eps=0.8),
+    "hosvd_unbiased": dict(eps=0.8),
+    "svd_unbiased": dict(eps=0.8),
     "syncfree": dict(eps=0.8),
     "gradient_filter": dict(eps=None, config=actcomp.CompressionConfig("gradient_filter", patch=2)),
     "none": dict(eps=None, config=actcomp.CompressionConfig("none")),

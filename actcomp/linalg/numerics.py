@@ -212,7 +212,8 @@ class Unfolding:
             return torch.matmul(ut, self.v).reshape(*shape[:p], k, *shape[p + 1 :]), self.axes
         if self.v.shape[0] == 1:
             return (ut @ self.m).reshape(*shape[:p], k, *shape[p + 1 :]), self.axes
-        return (ut @ self.m).reshape(k, *shape[:-1]), [self.mode] + self.axes[:-1]
+        # the mode last, or followed by modes of size 1 only: it comes out first
+        return (ut @ self.m).reshape(k, *shape[:p], *shape[p + 1 :]), [self.mode] + self.axes[:p] + self.axes[p + 1 :]
 
 
 def slice_gram(v: Tensor) -> Tensor:

@@ -2,23 +2,26 @@
 
 The subspaces of a layer's non-sample modes (a convolution's channel and spatial modes, a
 Linear's features) drift slowly from step to step; the sample modes (the batch, a Linear's
-leading modes) do not carry over, batches being unrelated. So the non-sample modes get bases
+leading modes) do not carry over, batches being unrelated. So the F non-sample modes get bases
 from one sequentially truncated HOSVD (:func:`~actcomp.linalg.decompose.hosvd` with the fixed
 modes first), at calibration (:meth:`ProjectionState.observe` over several batches) or on the
-first step, and every later step only projects: Y_0 = X, Y_j = Y_{j-1} x_n U_n^T for the fixed
-modes n in the state's ``order``; then each sample mode is truncated at eps from its small Gram
-matrix (the core is already small: B x B for a convolution's batch), as ``hosvd`` does.
+first step, and every later step only projects: Y = X x_n U_n^T over the fixed modes (the
+orthogonal projection onto the product of the mode subspaces: the order of the products
+changes the cost, not Y, so the copy-free order is used, :func:`projection_order`);
+then each sample mode is truncated at eps from its small Gram matrix (the core is already small:
+B x B for a convolution's batch), as ``hosvd`` does.
 
-Each step records, as device tensors (no host read), the fractions
-f_j = ||Y_j||^2 / ||Y_{j-1}||^2 kept by each fixed basis and the explained energy
-||S||^2 / ||X||^2 of the whole projection. When a fraction falls below eps - tolerance the bases
-are refreshed: one HOSVD of that step's input at eps, its ranks re-chosen (grown as needed), and
-that step keeps the HOSVD's factors. On the host the check runs every step, so every step keeps
-||X - X~||^2 <= (1 - (eps - tolerance)^F eps^S) ||X||^2 (F fixed modes, S sample modes); on an
-accelerator the running minimum of the fractions stays on the device and is read every
-``check_every`` steps (one sync per check; a shortfall between checks is counted then and
-refreshes the bases on the checking step). The sample modes' ranks are read on the host every
-step (their Gram matrices are eigen-decomposed there, as in ``hosvd``'s batch mode).
+Each step records, as device tensors (no host read), the fraction of energy the fixed bases
+keep, ``kept = ||Y||^2 / ||X||^2``, and the explained energy ||S||^2 / ||X||^2 of the whole
+factorisation. A fresh HOSVD keeps kept >= eps^F (each of its F truncations keeps eps of what it
+truncates); when kept falls below (eps - tolerance)^F (as if each fixed mode kept eps -
+tolerance) the bases are refreshed: one HOSVD of that step's input at eps, its ranks re-chosen
+(grown as needed), and that step keeps the HOSVD's factors. On the host the check runs every
+step, so every step keeps ||X - X~||^2 <= (1 - (eps - tolerance)^F eps^S) ||X||^2 (S sample
+modes; hosvd's bound is 1 - eps^(F+S)). On an accelerator the smallest kept since the last check stays on the device and
+is read every ``check_every`` steps (one sync per check; a shortfall between checks is counted
+then and refreshes the bases on the checking step). The sample modes' ranks are read on the
+host every step (their Gram matrices are eigen-decomposed there, as in ``hosvd``'s batch mode).
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ def fixed_order(shape: torch.Size | tuple[int, ...], sample_modes: int) -> list[
     return [n for n in truncation_order(shape) if n >= sample_modes]
 
 
+def projection_order(ranks: dict[int, int]) -> list[int]:
+    """The order of the mode products X x_n U_n^T over the fixed modes: last mode first. The
+    last mode of a contiguous tensor is the column index of a plain matrix view, and its product
+    puts the new mode first, so the next mode is last in turn: every product is one matrix
+    multiply of a view, with no copy into a permuted layout (a middle mode would need one: on
+    the benchmark's depthwise shapes the channel-first order cost 2-3x more)."""
+    return sorted(ranks, reverse=True)
+
+
 def _energy(t: Tensor) -> Tensor:
     """||t||^2 as a 0-d tensor (one BLAS dot product, no temporary)."""
     flat = t.reshape(-1)
@@ -65,12 +77,12 @@ class ProjectionState:
 
     ``bases[n]``: mode n's basis (I_n x K_n, orthonormal, in the compute dtype, on the input's
     device) for every fixed mode, projected in ``order``. ``steps``: factorisations;
-    ``refreshes``: those that ran a full HOSVD (the first, a change of shape, device or dtype,
-    and each shortfall); ``shortfalls``: checks that found a fraction below eps - tolerance.
-    ``fractions``/``explained``: the latest step's f_j per fixed mode and ||S||^2 / ||X||^2
-    (device tensors, read only when asked). ``worst``: the smallest fraction since the last
-    check (on an accelerator; NaN when an input held NaN or Inf). ``calibration``: the summed
-    Gram matrices while :meth:`observe` runs.
+    ``refreshes``: HOSVDs and calibrations (the first step, a change of shape, device or dtype,
+    and each shortfall); ``shortfalls``: checks that found kept < (eps - tolerance)^F.
+    ``kept``/``explained``: the latest step's ||Y||^2 / ||X||^2 after the fixed modes and
+    ||S||^2 / ||X||^2 (device tensors, read only when asked). ``worst``: the smallest kept since
+    the last check (on an accelerator; NaN when an input held NaN or Inf). ``calibration``: the
+    summed Gram matrices while :meth:`observe` runs.
     """
 
     bases: dict[int, Tensor] = field(default_factory=dict)
@@ -79,7 +91,7 @@ class ProjectionState:
     refreshes: int = 0
     shortfalls: int = 0
     since_check: int = 0
-    fractions: Tensor | None = None
+    kept: Tensor | None = None
     explained: Tensor | None = None
     worst: Tensor | None = None
     calibration: dict[int, Tensor] = field(default_factory=dict, repr=False)
@@ -96,16 +108,21 @@ class ProjectionState:
     def refresh(self, x: Tensor, eps: float, sample_modes: int) -> Tucker:
         """One HOSVD of x at eps, the fixed modes first (in :func:`fixed_order`), then the
         sample modes; its fixed factors become the bases; returns its factors."""
-        self.order = fixed_order(x.shape, sample_modes)
+        fixed = fixed_order(x.shape, sample_modes)
         samples = [n for n in truncation_order(x.shape) if n < sample_modes]
-        tucker = hosvd(x, eps, order=self.order + samples)
+        tucker = hosvd(x, eps, order=fixed + samples)
         dtype = compute_dtype(x)
-        self.bases = {n: own(tucker.factors[n], dtype) for n in self.order}
+        self._set_bases({n: own(tucker.factors[n], dtype) for n in fixed})
+        total = _energy(x.detach().to(dtype)).clamp_min(torch.finfo(dtype).tiny)
+        self.explained = _energy(tucker.core.to(dtype)) / total
+        self.kept = None  # not computed (>= eps^F by the HOSVD's construction)
+        return tucker
+
+    def _set_bases(self, bases: dict[int, Tensor]) -> None:
+        self.bases = bases
+        self.order = projection_order({n: u.shape[1] for n, u in bases.items()})
         self.refreshes += 1
         self.since_check, self.worst = 0, None
-        ones = torch.ones(len(self.order), dtype=dtype, device=x.device)
-        self.fractions, self.explained = ones, _energy(tucker.core).to(dtype) / _energy(x.detach().to(dtype)).clamp_min(torch.finfo(dtype).tiny)
-        return tucker
 
     def start_calibration(self) -> None:
         """Forget the bases: :meth:`observe` builds new ones, pass after pass."""
@@ -135,7 +152,8 @@ class ProjectionState:
 
     def finish(self, eps: float, step: int) -> None:
         """End of calibration pass ``step``: the mode's basis from the summed Gram matrix,
-        the smallest rank explaining eps of its trace (:func:`_leading_subspace`)."""
+        the smallest rank explaining eps of its trace (:func:`_leading_subspace`); after the
+        last pass the bases are projected in :func:`projection_order`."""
         if step >= len(self.order) or self.order[step] not in self.calibration:
             return
         mode = self.order[step]
@@ -144,8 +162,7 @@ class ProjectionState:
             raise NonFiniteActivationError("a calibration batch held NaN or Inf values (or its squares overflow)")
         self.bases[mode] = own(_leading_subspace(gram, eps), gram.dtype)
         if step == len(self.order) - 1:
-            self.refreshes += 1
-            self.since_check, self.worst = 0, None
+            self._set_bases(self.bases)
 
     def state_dict(self) -> dict:
         """Bases, order and counters as tensors and numbers (loadable with weights_only=True)."""
@@ -174,13 +191,13 @@ def projected_tucker(
 
     Without bases that fit x (first step, a change of non-sample shape, device or dtype), and at
     eps = 1 (no fixed basis is exact for an unseen input unless it is the whole mode), this is
-    one HOSVD (:meth:`ProjectionState.refresh`). Otherwise the fixed modes are projected,
-    S' = X x_n U_n^T over ``state.order``, recording f_j = ||Y_j||^2 / ||Y_{j-1}||^2 and
-    ||S||^2 / ||X||^2 on the device; then each of the first ``sample_modes`` modes is truncated
-    at eps from its Gram matrix (top eigenvectors, smallest rank explaining eps of the current
-    tensor's energy). A fraction below eps - ``tolerance`` (read every step on the host, every
-    ``check_every`` steps on an accelerator) refreshes the bases. Computed in float32 (float64
-    for float64 input), returned in x's dtype; the fixed factors are the state's bases
+    one HOSVD (:meth:`ProjectionState.refresh`). Otherwise the F fixed modes are projected,
+    Y = X x_n U_n^T in ``state.order``, recording kept = ||Y||^2 / ||X||^2 on the device; then
+    each of the first ``sample_modes`` modes is truncated at eps from its Gram matrix (top
+    eigenvectors, the smallest rank explaining eps of the current tensor's energy), and
+    ||S||^2 / ||X||^2 is recorded. kept below (eps - ``tolerance``)^F (read every step on the
+    host, every ``check_every`` steps on an accelerator) refreshes the bases. Computed in float32
+    (float64 for float64 input), returned in x's dtype; the fixed factors are the state's bases
     themselves (never modified in place: a refresh replaces them). NaN or Inf raise
     NonFiniteActivationError (on an accelerator at the next check).
     """
@@ -202,20 +219,18 @@ def projected_tucker(
         else:
             xc, scale, amax = device_scaled(xc)
             total = _energy(xc)
-        y, axes, energies = xc, list(range(x.ndim)), [total]
+        y, axes = xc, list(range(x.ndim))
         for mode in state.order:
             y, axes = Unfolding(y, axes, mode).project(state.bases[mode])
-            energies.append(_energy(y))
-    energy = torch.stack(energies)
-    tiny = torch.finfo(xc.dtype).tiny
-    fractions = torch.where(energy[:-1] > 0, energy[1:] / energy[:-1].clamp_min(tiny), torch.ones_like(energy[1:]))
-    state.fractions = fractions
-    worst = fractions.min()
+        tiny = torch.finfo(xc.dtype).tiny
+        kept = torch.where(total > 0, _energy(y) / total.clamp_min(tiny), torch.ones_like(total))
+    state.kept = kept
+    floor = max(eps - tolerance, 0.0) ** len(state.order)
     if host:
-        short = float(worst) < eps - tolerance
+        short = float(kept) < floor
     else:
-        worst = torch.where(torch.isfinite(amax), worst, torch.full_like(worst, math.nan))
-        state.worst = worst if state.worst is None else torch.minimum(state.worst, worst)
+        kept = torch.where(torch.isfinite(amax), kept, torch.full_like(kept, math.nan))
+        state.worst = kept if state.worst is None else torch.minimum(state.worst, kept)
         state.since_check += 1
         short = False
         if state.since_check >= check_every:
@@ -223,7 +238,7 @@ def projected_tucker(
             state.since_check, state.worst = 0, None
             if not math.isfinite(seen):
                 raise NonFiniteActivationError("the activation of a step since the last check held NaN or Inf values")
-            short = seen < eps - tolerance
+            short = seen < floor
     if short:
         state.shortfalls += 1
         return state.refresh(x, eps, sample_modes)

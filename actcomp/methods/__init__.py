@@ -5,6 +5,6 @@ imports every built-in method once (their registration order is the documentatio
 """
 
 from actcomp.methods.base import Compressor, InputLayout, method_class, method_names, register_method
-from actcomp.methods import hosvd, asi, oneshot, svd, syncfree, gradient_filter, none  # noqa: F401,E402  (register)
+from actcomp.methods import hosvd, asi, oneshot, svd, syncfree, gradient_filter, none, hosvd_unbiased, svd_unbiased  # noqa: F401,E402  (register)
 
 __all__ = ["Compressor", "InputLayout", "method_class", "method_names", "register_method"]

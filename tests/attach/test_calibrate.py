@@ -52,7 +52,7 @@ def test_calibrated_bases_are_the_hosvd_of_the_stacked_batches():
         order = fixed_order(stacked.shape, 1)
         ref = hosvd(stacked, 0.8, order=order + [0])
         state = actcomp.layer_state(model[int(name)]).method_state
-        assert state.order == order and ranks[name] == tuple(ref.ranks[1:])
+        assert sorted(state.order) == sorted(order) and ranks[name] == tuple(ref.ranks[1:])
         for n in order:  # the same subspaces (eigenvectors up to sign)
             assert rel_err(state.bases[n] @ state.bases[n].T, ref.factors[n] @ ref.factors[n].T) < 1e-8
 
@@ -66,7 +66,7 @@ def test_training_steps_after_calibration_only_project(monkeypatch):
     F.cross_entropy(model(data[2][0]), data[2][1]).backward()
     for name in ("0", "3"):
         state = actcomp.layer_state(model[int(name)]).method_state
-        assert state.steps == 1 and state.refreshes == 1 and float(state.fractions.min()) >= 0.6
+        assert state.steps == 1 and state.refreshes == 1 and float(state.kept) >= 0.6**3
         assert actcomp.stats(model)[name].ranks[1:] == tuple(state.bases[n].shape[1] for n in (1, 2, 3))
     assert hosvds == [(4, 6, 8, 8)]  # the BatchNorm's x_hat, calibrated on its first step
 

@@ -1,0 +1,44 @@
+"""Method ``"svd_unbiased"``: svd's rank-k form of the sample-mode unfolding, with the tail
+sampled so that the estimate of the input, and every weight gradient from it, is unbiased.
+
+The k terms are the principal singular triplets (kept exactly) and triplets drawn from the tail
+with probability proportional to the singular value, each rescaled by the inverse probability
+(:func:`actcomp.linalg.sampled.sampled_svd`): E[X~] = X, the same rank and bytes as ``"svd"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from actcomp.linalg.factors import LowRank
+from actcomp.linalg.sampled import sampled_svd
+from actcomp.methods.base import Compressor, InputLayout, register_method
+from actcomp.methods.draws import Draws
+
+
+@register_method
+class UnbiasedSVD(Compressor):
+    """Rank-k factors of the sample-mode unfolding, k by eps; principal triplets kept, the
+    tail sampled and rescaled (E[left @ right] = the input)."""
+
+    name = "svd_unbiased"
+
+    def compress(self, x: Tensor, layout: InputLayout, state: Draws) -> LowRank:
+        rows = math.prod(x.shape[: layout.sample_modes])
+        return sampled_svd(x.reshape(rows, *x.shape[layout.sample_modes :]), self.config.eps, state.next_generator())
+
+    def ranks(self, factors: LowRank) -> tuple[int, ...]:  # type: ignore[override]
+        return (factors.rank,)
+
+    def new_state(self) -> Draws:
+        """The layer's seed and draw count (a copy of it reproduces the next step's draw)."""
+        return Draws.fresh()
+
+    def state_dict(self, state: Draws) -> dict[str, Any]:
+        return state.as_dict()
+
+    def load_state_dict(self, data: dict[str, Any]) -> Draws:
+        return Draws.from_dict(data)
