@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from actcomp.methods.base import Compressor
+
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: steps of one layer map to distinct seeds
 _MASK = (1 << 63) - 1
 
@@ -46,3 +48,17 @@ class Draws:
         if not data:
             return cls.fresh()
         return cls(int(data["seed"]), int(data["step"]))
+
+
+class SampledCompressor(Compressor):
+    """Base of the methods that draw at every step: their per-layer state is a :class:`Draws`."""
+
+    def new_state(self) -> Draws:
+        """The layer's seed and draw count (a copy of it reproduces the next step's draw)."""
+        return Draws.fresh()
+
+    def state_dict(self, state: Draws) -> dict[str, Any]:
+        return state.as_dict()
+
+    def load_state_dict(self, data: dict[str, Any]) -> Draws:
+        return Draws.from_dict(data)

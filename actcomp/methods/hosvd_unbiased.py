@@ -11,18 +11,16 @@ proportional to the singular value, rescaled by the inverse probability
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from actcomp.linalg.factors import Tucker
 from actcomp.linalg.sampled import sampled_hosvd
-from actcomp.methods.base import Compressor, InputLayout, register_method
-from actcomp.methods.draws import Draws
+from actcomp.methods.base import InputLayout, register_method
+from actcomp.methods.draws import Draws, SampledCompressor
 
 
 @register_method
-class UnbiasedHOSVD(Compressor):
+class UnbiasedHOSVD(SampledCompressor):
     """Tucker factors of every mode with hosvd's ranks at eps; principal directions kept, the
     tail sampled and rescaled (E[factors' reconstruction] = the input)."""
 
@@ -33,13 +31,3 @@ class UnbiasedHOSVD(Compressor):
 
     def ranks(self, factors: Tucker) -> tuple[int, ...]:  # type: ignore[override]
         return factors.ranks
-
-    def new_state(self) -> Draws:
-        """The layer's seed and draw count (a copy of it reproduces the next step's draw)."""
-        return Draws.fresh()
-
-    def state_dict(self, state: Draws) -> dict[str, Any]:
-        return state.as_dict()
-
-    def load_state_dict(self, data: dict[str, Any]) -> Draws:
-        return Draws.from_dict(data)

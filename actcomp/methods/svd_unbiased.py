@@ -9,18 +9,16 @@ with probability proportional to the singular value, each rescaled by the invers
 from __future__ import annotations
 
 import math
-from typing import Any
-
 from torch import Tensor
 
 from actcomp.linalg.factors import LowRank
 from actcomp.linalg.sampled import sampled_svd
-from actcomp.methods.base import Compressor, InputLayout, register_method
-from actcomp.methods.draws import Draws
+from actcomp.methods.base import InputLayout, register_method
+from actcomp.methods.draws import Draws, SampledCompressor
 
 
 @register_method
-class UnbiasedSVD(Compressor):
+class UnbiasedSVD(SampledCompressor):
     """Rank-k factors of the sample-mode unfolding, k by eps; principal triplets kept, the
     tail sampled and rescaled (E[left @ right] = the input)."""
 
@@ -32,13 +30,3 @@ class UnbiasedSVD(Compressor):
 
     def ranks(self, factors: LowRank) -> tuple[int, ...]:  # type: ignore[override]
         return (factors.rank,)
-
-    def new_state(self) -> Draws:
-        """The layer's seed and draw count (a copy of it reproduces the next step's draw)."""
-        return Draws.fresh()
-
-    def state_dict(self, state: Draws) -> dict[str, Any]:
-        return state.as_dict()
-
-    def load_state_dict(self, data: dict[str, Any]) -> Draws:
-        return Draws.from_dict(data)

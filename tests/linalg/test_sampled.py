@@ -63,12 +63,17 @@ def _mean_converges(estimate, exact: torch.Tensor, draws: int) -> tuple[float, f
     return float((mean**2).sum()), expected
 
 
-@pytest.mark.parametrize("shape", [(16, 6, 5, 5), (12, 40), (4, 50), (3, 9, 2)])
-def test_sampled_hosvd_is_unbiased(shape):
+CASES = [(sampled_hosvd, hosvd, shape) for shape in [(16, 6, 5, 5), (12, 40), (4, 50), (3, 9, 2)]] + [
+    (sampled_svd, truncated_svd, shape) for shape in [(20, 3, 4), (5, 30)]
+]
+
+
+@pytest.mark.parametrize("sampled, truncated, shape", CASES, ids=[f"{c[0].__name__}-{c[2]}" for c in CASES])
+def test_sampled_decomposition_is_unbiased(sampled, truncated, shape):
     x = smooth(*shape)
     generator = torch.Generator().manual_seed(1)
-    truncation_bias = float(((hosvd(x, 0.7).reconstruct() - x) ** 2).sum())
-    squared, expected = _mean_converges(lambda: sampled_hosvd(x, 0.7, generator).reconstruct(), x, 600)
+    truncation_bias = float(((truncated(x, 0.7).reconstruct() - x) ** 2).sum())
+    squared, expected = _mean_converges(lambda: sampled(x, 0.7, generator).reconstruct(), x, 600)
     # unbiased: ||mean error||^2 ~ tr(Cov) / draws; a bias b adds ||b||^2, which does not shrink
     assert squared < 3 * expected, (squared, expected)
     assert squared < truncation_bias / 4
@@ -81,16 +86,6 @@ def test_truncation_fails_the_same_check():
     noise = torch.Generator().manual_seed(2)
     squared, expected = _mean_converges(lambda: x + bias + 1e-3 * torch.randn(x.shape, generator=noise, dtype=x.dtype), x, 50)
     assert squared > 3 * expected
-
-
-@pytest.mark.parametrize("shape", [(20, 3, 4), (5, 30)])
-def test_sampled_svd_is_unbiased(shape):
-    x = smooth(*shape)
-    generator = torch.Generator().manual_seed(3)
-    truncation_bias = float(((truncated_svd(x, 0.7).reconstruct() - x) ** 2).sum())
-    squared, expected = _mean_converges(lambda: sampled_svd(x, 0.7, generator).reconstruct(), x, 600)
-    assert squared < 3 * expected, (squared, expected)
-    assert squared < truncation_bias / 4
 
 
 def test_sampled_methods_keep_the_truncated_rank_and_form():
