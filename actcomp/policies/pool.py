@@ -111,7 +111,8 @@ class SmallIndexMaxPool(torch.autograd.Function):
         (local,) = ctx.saved_tensors
         planes = ctx.input_shape[0] * ctx.input_shape[1]
         grad = grad_out.new_zeros(planes, math.prod(ctx.input_shape[2:]))
-        local, grad_out = local.reshape(planes, 1, *local.shape[2:]), grad_out.reshape(planes, -1)
+        # sizes spelled out, not -1: an empty batch (planes 0) has no size to infer
+        local, grad_out = local.reshape(planes, 1, *local.shape[2:]), grad_out.reshape(planes, math.prod(grad_out.shape[2:]))
         step = _planes_per_chunk(grad_out.shape[1])
         for start in range(0, planes, step):  # int64 indices of one chunk at a time
             flat = flat_indices(local[start : start + step], *ctx.geometry)
