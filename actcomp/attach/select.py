@@ -230,6 +230,11 @@ def resolve_selection(
             )
     elif callable(layers):
         chosen = [n for n in candidates if layers(n, modules[n])]
+    elif not hasattr(layers, "__iter__") or not all(isinstance(n, str) for n in layers):
+        raise ValueError(
+            f"layers={layers!r} is not understood: use 'all', 'last:N', 're:<pattern>', "
+            "a list of module names or a callable(name, module) -> bool"
+        )
     else:
         chosen = []
         for name in layers:

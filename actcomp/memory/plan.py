@@ -518,6 +518,8 @@ def plan(
     if scope not in ("activations", "step"):
         raise ValueError(f"scope must be 'activations' or 'step', got {scope!r}")
     grid = sorted({CompressionConfig(method, e).eps for e in eps_grid})
+    if not grid:
+        raise ValueError("eps_grid is empty; give at least one eps in (0, 1]")
     if method_class(method).knob != "eps":
         tunable = [m for m in method_names() if method_class(m).knob == "eps"]
         names = ", ".join(map(repr, tunable[:-1])) + f" or {tunable[-1]!r}" if len(tunable) > 1 else repr(tunable[0])
