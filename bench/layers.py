@@ -1,11 +1,13 @@
 """Per-layer forward+backward time and bytes kept: compressed vs plain autograd.
 
-    python bench/layers.py [--device cpu|cuda] [--methods hosvd,asi,svd] [--eps 0.8] [--threads N] [--write]
+    python bench/layers.py [--device cpu|cuda] [--methods hosvd,asi,svd,oneshot] [--eps 0.8] [--threads N] [--write]
 
 For each of six MobileNetV2/ResNet layer shapes, the input is post-ReLU and spatially smooth
 (relu(avg_pool3x3(randn))) and requires grad (a middle layer: dX is computed too). Plain and
 compressed runs alternate in rounds; the table gives medians and their ratio, and the bytes
-autograd keeps for each (counted with saved_tensors_hooks, parameters excluded).
+autograd keeps for each (counted with saved_tensors_hooks, parameters excluded). Every step gets
+the same input: ``oneshot`` computes its bases on the first (warm-up) step and then only
+projects (its steady state; a refresh costs one hosvd step).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default 32 on CPU, 128 on CUDA")
-    parser.add_argument("--methods", default="hosvd,asi,svd")
+    parser.add_argument("--methods", default="hosvd,asi,svd,oneshot")
     parser.add_argument("--eps", type=float, default=0.8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=4)
