@@ -9,6 +9,10 @@ for every method but Gradient Filter):
 * dW = family.weight_grads[type(factors)](factors, dY'): from the factors, x is never rebuilt;
 * db = family.bias_grad(dY).
 
+Never worse than plain: when the factors would take more bytes than x itself (eps near 1,
+a small input), the layer keeps x instead for this step (its stats and measure() say policy
+``"plain"``) and dW is computed from x as plain autograd computes it.
+
 An empty input (a batch of 0 samples, or any mode of size 0) keeps nothing: dW is zero (a sum
 over no samples), dX is empty and db is dY summed, zero; the method is not asked to factor it.
 
@@ -19,6 +23,7 @@ saving the parameter itself instead of the cast copy plain autocast keeps.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from actcomp.linalg.factors import LowRank
 from actcomp.kernels.base import Kernel, LayerFamily, Registration, base_type, registration_for
 from actcomp.methods.base import Compressor, InputLayout
 from actcomp.core.dispatch import mark_kept
@@ -59,6 +65,37 @@ class _Call:
     dtype: torch.dtype | None
 
 
+#: ``ctx.kind`` of a call that kept its input itself (the factors would have been larger).
+PLAIN = "plain"
+
+
+def keep_input(state: Any, x: Tensor) -> None:
+    """Record that a layer kept its input x instead of factors larger than x (never worse
+    than plain): its stats say policy ``"plain"``, no ranks, x's bytes (0 when another layer
+    already keeps the same x, whose factors it shared)."""
+    last = state.last
+    kept = 0 if state.shared else x.numel() * x.element_size()
+    state.last = dataclasses.replace(last, method=PLAIN, ranks=(), kept_bytes=kept)
+    mark_kept(PLAIN, x)  # packers leave it alone; measure reports it as "plain"
+
+
+def plain_weight_grad(family: LayerFamily, x: Tensor, grad: Tensor, weight: Tensor, geometry: Any) -> Tensor:
+    """dW from the full input x, as plain autograd computes it: the vector-Jacobian product of
+    the family's forward y = f(x, W) with dY, with respect to W (exact for every family and
+    padding mode; the layer's forward runs once more, in backward)."""
+    with torch.enable_grad():
+        w = weight.detach().to(x.dtype).requires_grad_()
+        y = family.forward(x.detach(), w, None, geometry)
+        (grad_w,) = torch.autograd.grad(y, w, grad.to(y.dtype))
+    return grad_w.to(weight.dtype)
+
+
+def exact_factors(x: Tensor) -> LowRank:
+    """x as exact factors for observers that read factors (SINGD, HyLo): I x_0 x, the
+    identity on the first mode."""
+    return LowRank(torch.eye(x.shape[0], dtype=x.dtype, device=x.device), x)
+
+
 class CompressedOp(torch.autograd.Function):
     """family.forward(x, W, b) keeping the method's factors of x (not x) for dW."""
 
@@ -77,6 +114,11 @@ class CompressedOp(torch.autograd.Function):
             ctx.save_for_backward(weight)
             return
         factors = call.state.compress(x, call.layout)
+        if factors.nbytes > x.numel() * x.element_size():
+            keep_input(call.state, x)  # never worse than plain: the factors would outweigh x
+            ctx.kind = PLAIN
+            ctx.save_for_backward(weight, x)
+            return
         if type(factors) not in call.family.weight_grads:
             raise TypeError(
                 f"{call.state.describe()}: method {call.compressor.name!r} keeps {type(factors).__name__} "
@@ -99,9 +141,14 @@ class CompressedOp(torch.autograd.Function):
             grad_x = family.input_grad(grad, weight.to(grad.dtype), ctx.input_shape, call.geometry)
         if ctx.needs_input_grad[1] and ctx.kind is None:  # an empty input: a sum over no samples
             grad_w = torch.zeros_like(weight)
+        elif ctx.needs_input_grad[1] and ctx.kind is PLAIN:
+            (x,) = saved
+            grad_w = plain_weight_grad(family, x, grad, weight, call.geometry)
+            factors = exact_factors(x) if call.state.observers else None
         elif ctx.needs_input_grad[1]:
             factors = ctx.kind.from_tensors(tuple(saved), **ctx.meta)
             grad_w = family.weight_grads[ctx.kind](factors, grad, weight.shape, call.geometry).to(weight.dtype)
+        if ctx.needs_input_grad[1] and ctx.kind is not None:
             if call.state.observers:
                 record = BackwardRecord(call.state, family.name, call.geometry, factors, grad, ctx.input_shape, weight.shape)
                 for observer in list(call.state.observers):
