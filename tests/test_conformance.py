@@ -48,6 +48,11 @@ def hf_conv1d(nf, nx):
     return pytest.importorskip("transformers.pytorch_utils").Conv1D(nf, nx)
 
 
+def timm_linear(in_features, out_features):
+    """timm's Linear (nn.Linear overriding forward); skipped where timm is absent."""
+    return pytest.importorskip("timm.layers.linear").Linear(in_features, out_features)
+
+
 # type (or the qualified name it is registered by) -> [(id, module factory, input shape)]
 LAYER_ROWS = {
     nn.Linear: [
@@ -58,6 +63,9 @@ LAYER_ROWS = {
     "transformers.pytorch_utils.Conv1D": [
         ("2d", lambda: hf_conv1d(5, 7), (9, 7)),
         ("tokens", lambda: hf_conv1d(5, 7), (3, 4, 7)),
+    ],
+    "timm.layers.linear.Linear": [
+        ("tokens", lambda: timm_linear(7, 5), (3, 4, 7)),
     ],
     nn.Conv1d: [
         ("dense", lambda: nn.Conv1d(4, 6, 3, padding=1), (5, 4, 9)),

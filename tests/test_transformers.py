@@ -149,3 +149,79 @@ def test_empty_batch_runs_through_a_transformer(name):
     stats = actcomp.stats(model)
     assert all(s.kept_bytes == 0 for s in stats.values() if 0 in s.input_shape)
     assert all("cpb_mlp" in n for n, s in stats.items() if 0 not in s.input_shape)  # swin_v2's table, not the batch
+
+
+def llama(family="llama"):
+    """A tiny LLaMA-family causal LM from config (random weights) and a batch of token ids."""
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=32)
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    model = model_class(config_class(**sizes)).train()
+    return model, torch.randint(0, 64, (2, 16))
+
+
+def saved_by_step(model, batch):
+    with actcomp.count_saved(model) as saved:
+        loss = model(**batch).loss
+    loss.backward()
+    return saved.saved_bytes
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("eps", [1.0, 0.9])
+def test_llama_family_step_never_keeps_more_than_plain(family, eps):
+    """Every Linear compressed: a layer whose factors would outweigh its input keeps the input
+    (policy "plain"), so the whole step keeps at most what plain autograd keeps, at any eps."""
+    torch.manual_seed(0)
+    model, ids = llama(family)
+    batch = {"input_ids": ids, "labels": ids}
+    plain = saved_by_step(model, batch)
+    actcomp.compress(model, sample={"input_ids": ids}, eps=eps)
+    assert set(actcomp.compressed_layers(model)) == linear_like(model)
+    ours = saved_by_step(model, batch)
+    assert ours <= plain
+    layer_stats = actcomp.stats(model).values()
+    fell_back = [s for s in layer_stats if s.method == "plain"]
+    assert all(s.ranks == () and s.kept_bytes in (0, s.input_bytes) for s in fell_back)
+    assert all(s.kept_bytes < s.input_bytes for s in layer_stats if s.method != "plain")
+    if eps == 1.0:  # full-rank Tucker factors of a (2, 16, 32) input are larger than it
+        assert len(fell_back) == len(layer_stats)
+    report = actcomp.measure(model, batch)
+    assert report.saved_bytes <= report.vanilla_saved_bytes
+    q_proj = next(r for r in report.rows if r.name == "model.layers.0.self_attn.q_proj")
+    assert ("plain" in q_proj.policy) == (actcomp.stats(model)[q_proj.name].method == "plain")
+
+
+def test_llama_exact_at_eps_one_in_float64_with_dict_batches():
+    torch.manual_seed(0)
+    model, ids = llama()
+    model = model.double()
+    reference = copy.deepcopy(model)
+    batch = {"input_ids": ids, "labels": ids}
+
+    def gradients(m):
+        m.zero_grad()
+        m(**batch).loss.backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    expected = gradients(reference)
+    actcomp.compress(model, sample={"input_ids": ids}, eps=1.0)
+    assert max(rel_err(a, b) for a, b in zip(gradients(model), expected)) < 1e-10
+
+
+def test_llama_batches_as_users_hold_them():
+    """measure() with a dict (labels: the output's .loss) and with a tuple of positional
+    inputs (no labels: the mean square of the logits); compress(sample=dict) orders by execution."""
+    torch.manual_seed(0)
+    model, ids = llama()
+    report = actcomp.measure(model, {"input_ids": ids, "labels": ids})
+    assert report.saved_bytes == report.vanilla_saved_bytes > 0
+    assert report.batch_bytes == 2 * ids.numel() * ids.element_size()
+    assert actcomp.measure(model, (ids,)).saved_bytes > 0
+    actcomp.compress(model, "last:2", sample={"input_ids": ids}, eps=0.9)
+    assert list(actcomp.compressed_layers(model)) == ["model.layers.1.mlp.down_proj", "lm_head"]
+    assert actcomp.measure(model, {"input_ids": ids, "labels": ids}).saved_bytes < report.saved_bytes

@@ -13,8 +13,9 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from actcomp.kernels import base_type, is_supported, supported_types
-from actcomp.core.state import KernelNotRunWarning
+from actcomp.core.batch import call_model
+from actcomp.kernels import base_type, is_supported, overridden_base, qualified_name, registration_hint, supported_types
+from actcomp.core.state import KernelNotRunWarning, trains_weight
 
 LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -24,8 +25,43 @@ def describe(name: str, module: nn.Module) -> str:
 
 
 def _unsupported(name: str, module: nn.Module) -> ValueError:
+    base = overridden_base(base_type(module))
+    if base is not None:
+        own = base_type(module)
+        return ValueError(
+            f"{describe(name, module)} is {qualified_name(own)}, a subclass of {base.__name__} that overrides forward, "
+            f"so {base.__name__}'s compressed kernel may not compute what it computes; register it: "
+            f"{registration_hint(own, base)}"
+        )
     return ValueError(
         f"{describe(name, module)} has no compressed kernel; supported: {', '.join(supported_types())}"
+    )
+
+
+class OverriddenForwardWarning(UserWarning):
+    """Layers left out of an automatic selection (``layers="all"``) because their class derives
+    from a supported one but overrides its forward: the message names them and the fix
+    (:func:`actcomp.register_layer`)."""
+
+
+def _warn_overridden(modules: dict[str, nn.Module], layers: LayerSelector) -> None:
+    found: dict[type, list[str]] = {}
+    for name, module in modules.items():
+        own = base_type(module)
+        if overridden_base(own) is not None and trains_weight(module):
+            found.setdefault(own, []).append(name)
+    if not found:
+        return
+    parts = []
+    for own, names in found.items():
+        base = overridden_base(own)
+        shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts.append(f"{len(names)} {qualified_name(own)} ({shown}), a subclass of {base.__name__} that overrides forward: {registration_hint(own, base)}")
+    warnings.warn(
+        f"layers={layers if isinstance(layers, str) else 'callable'!r} leaves out layers whose class overrides its "
+        f"supported base's forward (they keep their inputs plain): {'; '.join(parts)}",
+        OverriddenForwardWarning,
+        stacklevel=4,
     )
 
 
@@ -90,8 +126,9 @@ def trace(model: nn.Module, sample: object) -> Trace:
     whose weight another module's forward uses while their own forward never runs.
 
     The forward runs in eval mode under no_grad (running statistics are not touched) and the
-    model's train/eval flags are put back afterwards. ``sample`` is a tensor, or a tuple of
-    positional arguments. Weight reads are seen through a ``TorchFunctionMode``: a torch
+    model's train/eval flags are put back afterwards. ``sample`` is a tensor, a tuple of
+    positional arguments, or a dict of keyword arguments (a Hugging Face ``BatchEncoding``).
+    Weight reads are seen through a ``TorchFunctionMode``: a torch
     function that receives a layer's parameter while that layer's forward is not on the call
     stack reads it from outside.
     """
@@ -119,7 +156,7 @@ def trace(model: nn.Module, sample: object) -> Trace:
     try:
         model.eval()
         with torch.no_grad(), reads:
-            model(*sample) if isinstance(sample, tuple) else model(sample)
+            call_model(model, sample)
     finally:
         for h in handles:
             h.remove()
@@ -143,8 +180,10 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
     out), else in module registration order. ``"re:<pattern>"``: those whose qualified name
     matches the pattern (``re.search``). A callable ``(name, module) -> bool``: those it
     accepts. A list of names: exactly those, each of which must exist and have a kernel.
-    The automatic selections only ever pick supported layers; an explicit name that is unknown
-    or has no kernel, or a selection that picks nothing, raises ValueError.
+    The automatic selections only ever pick supported layers, and of those only the trained
+    ones (a parameter other than the bias requires grad) when any is: a frozen layer keeps
+    nothing of its input anyway (the base layers of a PEFT LoRA model). An explicit name that
+    is unknown or has no kernel, or a selection that picks nothing, raises ValueError.
 
     With ``sample`` (or its ``traced`` forward), layers whose weight another module's forward
     uses while their own forward never runs (:class:`Trace` ``readers``) are left out of the
@@ -155,6 +194,10 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
         traced = trace(model, sample)
     modules = dict(model.named_modules())
     supported = [n for n, m in modules.items() if is_supported(type(m))]
+    if not isinstance(layers, (list, tuple)):
+        _warn_overridden(modules, layers)
+        trained = [n for n in supported if trains_weight(modules[n])]
+        supported = trained or supported  # a wholly frozen model (a layer alone): as it is, they keep nothing
     blocked = traced.readers if traced is not None else {}
     if blocked and not isinstance(layers, (list, tuple)):
         left_out = [n for n in supported if n in blocked]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -23,7 +24,7 @@ from actcomp.kernels import base_type, kernel_for, registration_for
 from actcomp.methods import InputLayout
 from actcomp.policies import Neighbours, NeighbourState, factor_config, neighbour_handler, neighbour_registration
 from actcomp.policies.generic import attach_generic, detach_generic, generic_packer
-from actcomp.core.state import LayerState, plain_kept_bytes
+from actcomp.core.state import LayerState, enter_forward, leave_forward, plain_kept_bytes, trains_weight
 
 _STATE = "_actcomp_layer"
 _SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {}
@@ -173,14 +174,20 @@ def compress(
     input X (Tucker for ``method='hosvd'``: X ~ S x_1 U_1 ... with each mode's rank the smallest
     explaining a fraction ``eps`` of ||X||_F^2; rank-k for ``method='svd'``) and computes dW, db
     from the factors and dX = dY W exactly from the weight. ``layers`` is ``"all"``,
-    ``"last:N"`` (execution order when ``sample`` is given, else module order), ``"re:<pattern>"``,
+    ``"last:N"`` (execution order when ``sample`` is given, else module order; ``sample`` is
+    the model's inputs as :func:`~actcomp.core.batch.call_model` feeds them: a tensor, a tuple
+    of positional arguments or a dict of keyword arguments), ``"re:<pattern>"``,
     a list of qualified names or a callable ``(name, module) -> bool``. Defaults: hosvd,
     eps=0.8. ``neighbours`` (default ``"auto"``, i.e. :class:`Neighbours()`): ReLU-family
     activations and dropout keep bit masks, max pooling small indices, average pooling and
     frozen eval-mode BatchNorm nothing (all exact); after the first compressed layer a
     training BatchNorm keeps factors of its normalised input (see :mod:`actcomp.policies`);
-    ``None`` leaves the neighbours alone. Calling it again updates the settings (asi keeps its
-    tracked subspaces while the method stays asi). Returns ``model``, whose parameters,
+    ``None`` leaves the neighbours alone. The automatic selections leave frozen layers out (a
+    frozen layer keeps nothing of its input: the base layers of a PEFT LoRA model), and a
+    layer compressed earlier that is frozen now and not selected is returned to plain (layers
+    frozen or wrapped after compress are named by a ``FrozenLayerWarning`` at the next training
+    forward). Calling it again updates the settings (asi keeps its tracked subspaces while the
+    method stays asi). Returns ``model``, whose parameters,
     state_dict keys and isinstance checks are unchanged.
     """
     if config is None:
@@ -192,7 +199,12 @@ def compress(
     policy = _neighbour_settings(neighbours)
     modules = dict(model.named_modules())
     traced = trace(model, sample) if sample is not None else None
-    for name in select_layers(model, layers, traced=traced):
+    chosen = select_layers(model, layers, traced=traced)
+    left = set(modules) - set(chosen)
+    for name, module in modules.items():
+        if name in left and _is_layer(layer_state(module)) and not trains_weight(module):
+            _unswap(module)  # compressed earlier, frozen since (e.g. a LoRA base layer): it keeps nothing
+    for name in chosen:
         module = modules[name]
         state = layer_state(module)
         if isinstance(state, LayerState) and not isinstance(state, NeighbourState):
@@ -202,7 +214,9 @@ def compress(
         module.__class__ = compressed_class(base)
         module.__dict__[_STATE] = LayerState(name=name, layer_type=base.__name__, config=config)
     _attach_neighbours(model, policy, config, traced)
-    _attach_watch(model)
+    watch = _attach_watch(model)
+    # a layer named while frozen was asked for as it is: FrozenLayerWarning is for layers frozen since
+    watch.frozen_warned.update(id(layer_state(modules[n])) for n in chosen if not trains_weight(modules[n]))
     return model
 
 
@@ -313,18 +327,24 @@ class _Watch:
 
     def __init__(self) -> None:
         self.stack: list[list[tuple[nn.Module, LayerState, int, int]] | None] = []
+        self.frozen_warned: set[int] = set()  # ids of states already named in a FrozenLayerWarning
 
     def enter(self, model: nn.Module, args: object) -> None:
+        enter_forward()
         watched = None
         if model.training and torch.is_grad_enabled():
             watched = [(m, s, s.runs, s.calls) for m in model.modules() if _is_layer(s := layer_state(m)) and s.active]
         self.stack.append(watched)
 
     def leave(self, model: nn.Module, args: object, output: object) -> None:
+        leave_forward()
         watched = self.stack.pop() if self.stack else None
         if sys.exc_info()[1] is not None:
             return  # the forward raised (this hook runs while the error propagates): no step ran
+        frozen = []
         for module, state, runs, calls in watched or ():
+            if state.runs != runs and not trains_weight(module) and id(state) not in self.frozen_warned:
+                frozen.append((module, state))
             if state.runs != runs or not state.active:
                 continue
             if state.calls == calls:
@@ -337,17 +357,47 @@ class _Watch:
             else:
                 reason = "its forward ran with gradients disabled"
             state.not_run(reason)
+        if frozen:
+            self.frozen_warned.update(id(state) for _, state in frozen)
+            _warn_frozen(model, frozen)
+
+
+class FrozenLayerWarning(UserWarning):
+    """Layers compressed while trained that are frozen now (their weight no longer requires
+    grad; e.g. wrapped by peft's get_peft_model after compress): they keep nothing of their
+    input either way, so compressing them saves nothing, and the layers that do train now
+    (LoRA's A and B) may not be compressed."""
+
+
+def _warn_frozen(model: nn.Module, frozen: list[tuple[nn.Module, LayerState]]) -> None:
+    names = {id(m): n for n, m in model.named_modules()}
+    described = []
+    for module, state in frozen:
+        now = names.get(id(module), state.name)
+        moved = f", now '{now}'" if now != state.name else ""
+        described.append(f"'{state.name}' ({state.layer_type}{moved})")
+    warnings.warn(
+        f"{len(frozen)} compressed layer(s) are frozen now (no parameter but a bias requires grad), so they keep "
+        f"nothing of their input and compression saves nothing there: {', '.join(described)}. If they were frozen or "
+        "wrapped after compress() (peft's get_peft_model freezes the base layers and adds trainable lora_A/lora_B), "
+        "call actcomp.compress() on the final model: it compresses the trained layers and returns frozen ones to plain",
+        FrozenLayerWarning,
+        stacklevel=3,
+    )
 
 
 def _watches(hooks: dict) -> list:
     return [key for key, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _Watch)]
 
 
-def _attach_watch(model: nn.Module) -> None:
-    if not _watches(model._forward_pre_hooks):
-        watch = _Watch()
-        model.register_forward_pre_hook(watch.enter)
-        model.register_forward_hook(watch.leave, always_call=True)
+def _attach_watch(model: nn.Module) -> _Watch:
+    keys = _watches(model._forward_pre_hooks)
+    if keys:
+        return model._forward_pre_hooks[keys[0]].__self__
+    watch = _Watch()
+    model.register_forward_pre_hook(watch.enter)
+    model.register_forward_hook(watch.leave, always_call=True)
+    return watch
 
 
 def _detach_watch(model: nn.Module) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["batch_bytes", "model_inputs", "output_loss", "step_loss"]
+__all__ = ["batch_bytes", "call_model", "model_inputs", "output_loss", "probe_loss", "step_loss"]
 
 
 def batch_bytes(batch: object) -> int:
@@ -24,6 +24,49 @@ def batch_bytes(batch: object) -> int:
         return sum(batch_bytes(v) for v in batch)
     return 0
 
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict (a Hugging Face ``BatchEncoding``: keyword arguments),
+    ``model(*inputs)`` for a tuple (positional arguments), ``model(inputs)`` otherwise: how
+    measure(), plan() and compress(sample=) feed the inputs of a batch (without targets)."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def probe_loss(out: Any, targets: object, loss_fn: Callable | None) -> Tensor:
+    """A loss to run backward through when measuring a step: ``loss_fn(out, targets)``
+    (``loss_fn(out)`` without targets); without a loss_fn the output's own loss (``out.loss``,
+    ``out["loss"]``: Hugging Face outputs given labels), else the mean square of the output, or
+    of its first tensor (a Hugging Face output without labels: its logits)."""
+    if loss_fn is not None:
+        return loss_fn(out, targets) if targets is not None else loss_fn(out)
+    loss = _own_loss(out)
+    if loss is not None:
+        return loss
+    first = out if isinstance(out, Tensor) else _first_tensor(out)
+    if first is None:
+        raise TypeError(f"the model's output ({type(out).__name__}) holds no tensor and no .loss: pass loss_fn")
+    return first.float().pow(2).mean()
+
+
+def _own_loss(out: Any) -> Tensor | None:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    return loss if isinstance(loss, Tensor) else None
+
+
+def _first_tensor(out: Any) -> Tensor | None:
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for value in values:
+        found = value if isinstance(value, Tensor) else _first_tensor(value)
+        if found is not None:
+            return found
+    return None
 
 
 def step_loss(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Tensor:
@@ -48,9 +91,9 @@ def step_loss(model: nn.Module, batch: Any, loss_fn: Callable | None) -> Tensor:
 
 
 def output_loss(out: Any) -> Tensor:
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, Mapping):
-        loss = out.get("loss")
+    """The loss a model returned: ``out.loss`` (``out["loss"]``) or ``out`` itself, which must
+    then be a scalar tensor (TypeError otherwise, asking for a loss_fn)."""
+    loss = _own_loss(out)
     if loss is None:
         loss = out
     if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -62,13 +105,12 @@ def output_loss(out: Any) -> Tensor:
 
 
 def model_inputs(batch: Any, loss_fn: Callable | None) -> Any:
-    """What the model is called with, for compress(sample=): positional inputs without the
-    targets (a tuple), or the batch itself."""
+    """What the model is called with, for compress(sample=) (fed by :func:`call_model`):
+    positional inputs without the targets (a tuple), or the batch itself (a tensor, or a dict
+    of keyword arguments)."""
     if isinstance(batch, (tuple, list)):
         inputs = tuple(batch[:-1]) if loss_fn is not None else tuple(batch)
         return inputs[0] if len(inputs) == 1 else inputs
-    if isinstance(batch, Mapping):
-        return None  # keyword batches: selection by module order
     return batch
 
 

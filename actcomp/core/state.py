@@ -9,6 +9,7 @@ tracked subspaces) live; measure, finetune, the optimizers and the tests read it
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -27,6 +28,47 @@ from actcomp.methods.base import Compressor, InputLayout
 #: several layers is factored once (:meth:`LayerState.compress`). Weak-keyed, as torch keeps
 #: such side data: an entry lives as long as its tensor, and nothing is set on the tensor.
 _FACTORS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+class _ForwardScope(threading.local):
+    """The training forward of a compressed model in progress (``depth`` > 0): inside it an
+    input without a grad_fn (a frozen model's activations, e.g. under LoRA, where nothing
+    before the adapters is trained) given to several layers is factored once too; those
+    entries (``leaves``: id -> (tensor, key, factors)) are dropped when the outermost forward
+    ends, so no step's factors outlive it through a tensor reused across steps."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.leaves: dict[int, tuple[Tensor, Any, Factors]] = {}
+
+
+_SCOPE = _ForwardScope()
+
+
+def enter_forward() -> None:
+    """A compressed model's forward begins (see :class:`_ForwardScope`)."""
+    _SCOPE.depth += 1
+
+
+def leave_forward() -> None:
+    """A compressed model's forward ends; the outermost one drops the leaf entries."""
+    _SCOPE.depth = max(0, _SCOPE.depth - 1)
+    if _SCOPE.depth == 0:
+        _SCOPE.leaves.clear()
+
+
+def _cached_factors(x: Tensor) -> tuple[Any, Factors] | None:
+    if x.grad_fn is not None:
+        return _FACTORS.get(x)
+    entry = _SCOPE.leaves.get(id(x)) if _SCOPE.depth else None
+    return entry[1:] if entry is not None and entry[0] is x else None
+
+
+def _cache_factors(x: Tensor, key: Any, factors: Factors) -> None:
+    if x.grad_fn is not None:
+        _FACTORS[x] = (key, factors)
+    elif _SCOPE.depth:
+        _SCOPE.leaves[id(x)] = (x, key, factors)
 
 
 def trains_weight(module: nn.Module) -> bool:
@@ -168,7 +210,7 @@ class LayerState:
         FloatingPointError naming the layer (a non-finite activation has no subspace, and a
         silent fallback would hide a diverged run and break the planned memory)."""
         key = (x._version, type(self.compressor), self.config, layout)
-        cached = _FACTORS.get(x)
+        cached = _cached_factors(x)
         if cached is not None and cached[0] == key:
             factors = cached[1]
             self.record(x, self.compressor.ranks(factors), 0)  # kept once, by the first layer
@@ -184,11 +226,12 @@ class LayerState:
             ) from None
         self.record(x, self.compressor.ranks(factors), factors.nbytes)
         self.shared = False
-        if x.grad_fn is not None and self.method_state is None:
+        if self.method_state is None:
             # An activation of this step given to several layers (a residual block's conv and
-            # its downsample, attention's q/k/v projections) is factored once; stateful methods
-            # (asi) and leaf inputs (reused across steps) are never cached.
-            _FACTORS[x] = (key, factors)
+            # its downsample, attention's q/k/v projections, LoRA's A of q and v) is factored
+            # once; stateful methods (asi) are never cached, and an input without a grad_fn
+            # only within one forward of a compressed model (it may be reused across steps).
+            _cache_factors(x, key, factors)
         return factors
 
     def record(self, x: Tensor, ranks: tuple[int, ...], kept_bytes: int, method: str | None = None) -> None:

@@ -214,6 +214,31 @@ def registration_for(module_type: type[nn.Module]) -> Registration | None:
     return found
 
 
+def overridden_base(module_type: type[nn.Module]) -> type[nn.Module] | None:
+    """The registered class ``module_type`` derives from but is not run by, because it
+    overrides that class's ``forward`` (timm's ``Linear``, before its registration; a user's
+    ``class MyLinear(nn.Linear)`` with its own forward); None when it is run or derives from no
+    registered class. Such a type works once registered with :func:`register_layer` (when its
+    forward computes what its base's does)."""
+    module_type = _unwrapped(module_type)
+    if registration_for(module_type) is not None:
+        return None
+    for cls in module_type.__mro__[1:]:
+        if _own_registration(cls) is not None:
+            return cls
+    return None
+
+
+def registration_hint(module_type: type[nn.Module], base: type[nn.Module]) -> str:
+    """How to register ``module_type`` with the family that runs ``base``, in words."""
+    family = registration_for(base)
+    family_name = family.family.name if family is not None and family.family is not None else "?"
+    return (
+        f"actcomp.register_layer({qualified_name(module_type)}, family=actcomp.kernels.family_named({family_name!r})) "
+        f"if its forward computes what {base.__name__}'s does"
+    )
+
+
 def is_supported(module_type: type[nn.Module]) -> bool:
     """True when ``module_type`` has a compressed kernel."""
     return registration_for(module_type) is not None

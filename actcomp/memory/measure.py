@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from actcomp.attach.swap import compressed_layers, layer_state, suspended
 from actcomp.policies import NeighbourState
 from actcomp.kernels import base_type
-from actcomp.core.batch import batch_bytes
+from actcomp.core.batch import batch_bytes, call_model, probe_loss
 from actcomp.core.dispatch import kept_policy, kept_tensors, observing
 from actcomp.memory.format import aligned_table
 
@@ -303,25 +303,16 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     return count(probe)
 
 
-def loss_of(out: Any, targets: object, loss_fn: Callable | None) -> Tensor:
-    """The training loss of a forward's output: ``loss_fn(out, targets)``, ``loss_fn(out)``
-    without targets, the mean square of the output without a loss_fn (or the output itself
-    when it is not a tensor, e.g. a model that returns its loss)."""
-    if loss_fn is not None:
-        return loss_fn(out, targets) if targets is not None else loss_fn(out)
-    return out.float().pow(2).mean() if isinstance(out, Tensor) else out
-
-
 def _one_step(model: nn.Module, inputs: object, targets: object, loss_fn: Callable | None, device: torch.device):
     """Forward + loss + backward with attribution and peak; gradients are left as they were."""
     saved_grads = {p: p.grad for p in model.parameters()}
     attribution = _Attribution(model)
 
     def forward() -> Tensor:
-        out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        out = call_model(model, inputs)
         attribution.stack.append(LOSS_ROW)
         try:
-            return loss_of(out, targets, loss_fn)
+            return probe_loss(out, targets, loss_fn)
         finally:
             attribution.stack.pop()
 
@@ -365,7 +356,7 @@ def _forward_peak(model: nn.Module, inputs: object, device: torch.device) -> int
 
     def forward() -> None:
         with torch.no_grad():
-            model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+            call_model(model, inputs)
 
     return _peak_of(forward, device)[0]
 
@@ -395,9 +386,11 @@ def measure(
 ) -> MemoryReport:
     """Run one forward+backward of ``model`` on ``inputs`` and report what it kept.
 
-    ``inputs`` is a tensor or a tuple of forward arguments; the loss is
-    ``loss_fn(model(inputs), targets)`` (``loss_fn(output)`` without targets; the mean square
-    of the output without a loss_fn). Saved bytes are counted per storage and attributed per
+    ``inputs`` is a tensor, a tuple of positional arguments or a dict of keyword arguments (a
+    Hugging Face ``BatchEncoding``: ``measure(model, {"input_ids": ids, "labels": ids})``); the
+    loss is ``loss_fn(model(inputs), targets)`` (``loss_fn(output)`` without targets; without a
+    loss_fn the output's ``.loss``, else the mean square of the output or of its first tensor:
+    :func:`~actcomp.core.batch.probe_loss`). Saved bytes are counted per storage and attributed per
     module; the sum over rows equals ``saved_bytes``. With ``vanilla=True`` the same step is
     run again with compression suspended (:func:`actcomp.suspended`; settings and carried state unchanged), so every
     row has a plain-autograd figure. The model's parameters and gradients are left as they were

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,8 @@ from actcomp.attach.select import LayerSelector, execution_order, select_layers
 from actcomp.attach.swap import attach_neighbour, compress, neighbour_states, restore, stats
 from actcomp.kernels import base_type
 from actcomp.methods import method_class, method_names
-from actcomp.memory.measure import format_bytes, loss_of, measure
+from actcomp.core.batch import call_model, probe_loss
+from actcomp.memory.measure import format_bytes, measure
 from actcomp.policies import Neighbours, factor_config, tradeable_neighbour
 from actcomp.memory.saved import count_saved
 from actcomp.memory.format import aligned_table
@@ -200,18 +201,22 @@ class Plan:
         return self.table()
 
 
-def _as_args(batch: object) -> tuple[tuple, object]:
-    """A calibration batch is (inputs, targets) or inputs alone; inputs a tensor or a tuple."""
+def _as_args(batch: object) -> tuple[tuple | Mapping, object]:
+    """A calibration batch is (inputs, targets) or inputs alone; inputs a tensor, a tuple, or
+    a dict of keyword arguments (a Hugging Face ``BatchEncoding``, whose output's ``.loss``
+    is the loss)."""
+    if isinstance(batch, Mapping):
+        return batch, None
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch
     else:
         inputs, targets = batch, None
-    return (inputs if isinstance(inputs, tuple) else (inputs,)), targets
+    return (inputs if isinstance(inputs, (tuple, Mapping)) else (inputs,)), targets
 
 
 def _loss(model: nn.Module, batch: object, loss_fn: Callable | None) -> Tensor:
     args, targets = _as_args(batch)
-    return loss_of(model(*args), targets, loss_fn)
+    return probe_loss(call_model(model, args), targets, loss_fn)
 
 
 def _capture(model: nn.Module, names: list[str], batch: object, loss_fn: Callable | None) -> dict[str, tuple[Tensor, Tensor]]:

@@ -53,13 +53,20 @@ def test_subclass_keeping_forward_runs_its_bases_kernel():
     assert type(layer) is KeepsForward
 
 
-def test_subclass_overriding_forward_is_not_supported():
-    assert not is_supported(OverridesForward)
+def test_subclass_overriding_forward_is_named_with_the_fix_not_silently_left_out(private_registry):
+    from actcomp.attach.select import OverriddenForwardWarning
+
+    assert not is_supported(OverridesForward) and kernels.overridden_base(OverridesForward) is nn.Linear
     model = nn.Sequential(nn.Linear(4, 4), OverridesForward(4, 2))
-    actcomp.compress(model, "all")
+    with pytest.warns(OverriddenForwardWarning, match=r"OverridesForward \('1'\), a subclass of Linear that overrides forward: actcomp.register_layer"):
+        actcomp.compress(model, "all")
     assert list(actcomp.compressed_layers(model)) == ["0"]
-    with pytest.raises(ValueError, match=re.escape("layer '1' (OverridesForward) has no compressed kernel")):
+    with pytest.raises(ValueError, match=re.escape("layer '1' (OverridesForward) is ") + ".*a subclass of Linear that overrides forward"):
         actcomp.compress(model, ["1"])
+    # the fix the message names
+    actcomp.register_layer(OverridesForward, family=actcomp.kernels.family_named("linear"))
+    actcomp.compress(model, ["1"])
+    assert list(actcomp.compressed_layers(model)) == ["0", "1"]
 
 
 def test_type_registered_by_qualified_name(private_registry):
