@@ -26,7 +26,7 @@ def interrupt_after(epoch):
     return hook
 
 
-@pytest.mark.parametrize("method", ["hosvd", "asi"])
+@pytest.mark.parametrize("method", ["hosvd", "asi", "oneshot"])
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, method):
     config = FinetuneConfig(method=method, epochs=2, batch_size=64, layers="last:3", optimizer="momentum", lr=0.02)
     run_finetune(config, tmp_path / "straight", progress=False)
