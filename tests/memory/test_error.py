@@ -1,0 +1,98 @@
+"""gradient_error_stats: the bias that stays after averaging over batches, the spread that
+averages out, and plain's minibatch noise; checked on constructed errors and on the truncated
+and unbiased methods."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actcomp
+from actcomp.memory.error import GradientErrorStats, gradient_error_stats
+
+
+def batches_of(n, size=50, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(size, generator=generator, dtype=torch.float64)
+    return [[mean + 0.5 * torch.randn(size, generator=generator, dtype=torch.float64)] for _ in range(n)], mean
+
+
+def test_a_constant_offset_is_all_bias():
+    exact, _ = batches_of(6)
+    offset = torch.linspace(-1, 1, 50, dtype=torch.float64)
+    stats = gradient_error_stats([[g[0] + offset] for g in exact], exact)
+    mean = torch.stack([g[0] for g in exact]).mean(0)
+    assert stats.bias == pytest.approx(float(offset.norm() / mean.norm()), rel=1e-12)
+    assert stats.spread == pytest.approx(0.0, abs=1e-12)
+    deviations = torch.stack([g[0] for g in exact]) - mean
+    assert stats.noise == pytest.approx(math.sqrt(float((deviations**2).sum()) / 5) / float(mean.norm()), rel=1e-12)
+    assert stats.batches == 6
+
+
+def test_zero_mean_noise_is_spread_not_bias():
+    exact, mean = batches_of(400)
+    generator = torch.Generator().manual_seed(7)
+    noisy = [[g[0] + 2.0 * torch.randn(50, generator=generator, dtype=torch.float64)] for g in exact]
+    stats = gradient_error_stats(noisy, exact)
+    expected_spread = 2.0 * math.sqrt(50) / float(torch.stack([g[0] for g in exact]).mean(0).norm())
+    assert stats.spread == pytest.approx(expected_spread, rel=0.05)
+    assert stats.bias < 0.1 * stats.spread  # the mean's sampling error is removed, not counted as bias
+    biased = gradient_error_stats([[g[0] + 0.3 * mean] for g in noisy], exact)
+    assert biased.bias == pytest.approx(0.3, abs=0.05)
+
+
+def test_learning_error_weighs_bias_by_the_horizon():
+    stats = GradientErrorStats(bias=0.5, spread=1.0, noise=1.0, batches=8)
+    assert stats.learning_error(10) == pytest.approx(math.sqrt(10 * 0.25 + 1.0))
+    unbiased = GradientErrorStats(bias=0.0, spread=2.0, noise=1.0, batches=8)
+    assert unbiased.learning_error(1) > stats.learning_error(1)  # one step: the spread is worse
+    assert unbiased.learning_error(40) < stats.learning_error(40)  # over many steps the bias is
+    assert GradientErrorStats(0.0, 0.0, 0.0, 2).learning_error() == 0.0
+    assert GradientErrorStats(0.1, 0.0, 0.0, 2).learning_error() == math.inf
+
+
+def test_missing_gradients_count_as_zero_and_bad_input_is_refused():
+    exact = [[torch.ones(3), None], [torch.full((3,), 2.0), None]]
+    estimates = [[torch.ones(3), torch.ones(2)], [torch.full((3,), 2.0), torch.ones(2)]]
+    stats = gradient_error_stats(estimates, exact)
+    assert stats.bias == pytest.approx(math.sqrt(2) / math.sqrt(3 * 1.5**2), rel=1e-9)
+    with pytest.raises(ValueError, match=">= 2"):
+        gradient_error_stats(estimates[:1], exact[:1])
+    with pytest.raises(ValueError, match="parameter gradients"):
+        gradient_error_stats([[torch.ones(3)]] * 2, exact)
+
+
+def test_truncation_is_biased_and_the_sampled_method_is_not():
+    """On a layer's real weight gradients over 60 batches: hosvd at eps 0.8 leaves a bias that
+    averaging does not remove; hosvd_unbiased's error is spread with a bias near zero."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 4, 3, padding=1).double()
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 7, 7, generator=generator, dtype=torch.float64)
+    target = torch.randn(4, 7, 7, generator=generator, dtype=torch.float64)
+
+    def batch():  # inputs and output gradients around a common mean, as a task's are
+        x = F.relu(base + 0.7 * torch.randn(8, 6, 7, 7, generator=generator, dtype=torch.float64))
+        return x, target + 0.5 * torch.randn(8, 4, 7, 7, generator=generator, dtype=torch.float64)
+
+    data = [batch() for _ in range(60)]
+
+    def grads(model):
+        out = []
+        for x, dy in data:
+            model.zero_grad()
+            model(x).backward(dy)
+            out.append([model.weight.grad.clone()])
+        return out
+
+    exact = grads(layer)
+    results = {}
+    for method in ("hosvd", "hosvd_unbiased"):
+        model = nn.Conv2d(6, 4, 3, padding=1).double()
+        model.load_state_dict(layer.state_dict())
+        actcomp.compress(model, config=actcomp.CompressionConfig(method, 0.8))
+        results[method] = gradient_error_stats(grads(model), exact)
+    assert results["hosvd"].bias > 4 * results["hosvd_unbiased"].bias
+    assert results["hosvd_unbiased"].spread > results["hosvd"].spread
