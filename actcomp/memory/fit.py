@@ -285,6 +285,21 @@ class FittedStep:
         resident = self.report.weights_bytes + self.report.buffers_bytes + self._applied.state_bytes() + batch_bytes(batch)
         return result[0], None if peak is None else resident + peak
 
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The state dict of the optimizer given to :func:`fit`, as a plain loop would leave it.
+
+        With the step in backward the state lives in one optimizer per parameter; it is
+        gathered here into the given optimizer (its tensors shared, in the dtype they are
+        stored in) so that ``torch.save(step.optimizer_state_dict(), path)`` and, in a resumed
+        run, ``optimizer.load_state_dict(torch.load(path))`` before fitting again continue
+        the same optimization (the step in backward takes an optimizer's state over)."""
+        handle = self._applied.in_backward
+        if handle is not None:
+            for p, per_parameter in handle.optimizers.items():
+                if p in per_parameter.state:
+                    self._applied.optimizer.state[p] = per_parameter.state[p]
+        return self._applied.optimizer.state_dict()
+
     def remove(self) -> None:
         """Undo the levers: compression restored, recompute and the step in backward removed."""
         self._applied.remove()

@@ -283,3 +283,28 @@ def test_compression_with_recompute_compresses_only_the_layers_outside_the_block
     applied.step((x, y))
     applied.remove()
     assert not actcomp.compressed_layers(model)
+
+
+def test_optimizer_state_dict_resumes_the_step_in_backward_exactly():
+    model, (x, y) = mlp(), data(256)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = actcomp.fit(model, optimizer, "1GiB", (x, y), F.cross_entropy)
+    assert step.report.chosen.describe() == "plain"
+    step.remove()
+    from actcomp.memory.fit import FitChoice, FittedStep, _Applied
+
+    choice = FitChoice(1, (), True, None, 0, 0, 0.0, 0.0)
+    fitted = FittedStep(_Applied(model, optimizer, choice, F.cross_entropy, (x, y), False), step.report)
+    batches = [data(256) for _ in range(3)]
+    for xb, yb in batches[:2]:
+        fitted(xb, yb)
+    saved = copy.deepcopy(fitted.optimizer_state_dict())
+    fitted.remove()
+    resumed = torch.optim.Adam(model.parameters(), lr=1e-2)
+    resumed.load_state_dict(saved)
+    again = FittedStep(_Applied(model, resumed, choice, F.cross_entropy, (x, y), False), step.report)
+    again(*batches[2])
+    plain_steps(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), batches)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
