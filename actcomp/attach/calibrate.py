@@ -56,17 +56,20 @@ def calibrate(model: nn.Module, batches: Iterable[Any], loss_fn: Any = None) -> 
     step = 0
     while True:
         active: set[str] = set()
+        shapes: dict[str, torch.Size] = {}
 
         def hook(name: str):
             module, state, family = layers[name]
 
             def observe(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                nonlocal shapes
                 x = _input_of(mod, base_type(mod), state, args, kwargs)
                 x, _ = family.batch(mod, x)
                 layout = family.layout(family.geometry(mod), x)
                 try:
                     if state.method_state.observe(x, state.config.eps, layout.sample_modes, step):
                         active.add(name)
+                        shapes[name] = x.shape
                 except ValueError as error:
                     raise ValueError(f"{state.describe()}: {error}; calibrate on batches of the training shape") from None
 
@@ -86,7 +89,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], loss_fn: Any = None) -> 
                 buffer.copy_(saved)
         for name in active:
             _, state, _ = layers[name]
-            state.method_state.finish(state.config.eps, step)
+            state.method_state.finish(state.config.eps, step, shapes[name])
         if not active:
             break
         step += 1

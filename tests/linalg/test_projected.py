@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from actcomp.linalg import projected
 from actcomp.linalg.decompose import NonFiniteActivationError, hosvd
-from actcomp.linalg.projected import ProjectionState, fixed_order, projected_tucker
+from actcomp.linalg.projected import ProjectionState, fixed_order, projected_tucker, projection_order
 from conftest import rel_err
 
 
@@ -72,11 +72,14 @@ def test_every_host_step_keeps_the_hosvd_bound_to_within_the_tolerance_and_drift
     assert state.shortfalls >= 1 and state.refreshes == 1 + state.shortfalls  # the drift was caught
 
 
-def test_the_projection_runs_last_mode_first_and_its_order_does_not_matter():
+def test_the_projection_order_is_the_cheapest_and_does_not_change_the_result():
+    # channels that truncate hard go first (a batched product in place), else the last mode
+    assert projection_order((32, 96, 48, 48), {1: 8, 2: 31, 3: 33})[0] == 1
+    assert projection_order((32, 32, 56, 56), {1: 30, 2: 14, 3: 17})[0] == 3
     x = smooth((4, 6, 7, 7))
     state = ProjectionState()
     projected_tucker(x, 0.8, state)
-    assert state.order == [3, 2, 1]
+    assert state.order == projection_order(x.shape, {n: u.shape[1] for n, u in state.bases.items()})
     y = x
     for n in (1, 2, 3):  # the projection does not depend on the order
         y = torch.tensordot(state.bases[n].T, y, dims=([1], [n])).movedim(0, n)
