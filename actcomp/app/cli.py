@@ -57,7 +57,10 @@ def _check_budget(budget: str | None) -> None:
 def _demo_vit(args: argparse.Namespace) -> int:
     from actcomp.app.demo_tokens import format_token_table, run_token_demo, token_rows_as_dicts
 
-    mobilenet_only = (("--layers", args.layers), ("--budget", args.budget), ("--every-eps", args.every_eps), ("--no-every", args.no_every or None))
+    mobilenet_only = (
+        ("--layers", args.layers), ("--budget", args.budget), ("--every-eps", args.every_eps), ("--no-every", args.no_every or None),
+        ("--fit", args.fit),
+    )
     for option, value in mobilenet_only:
         if value is not None:
             raise ValueError(f"{option} applies to --model mobilenet; the vit demo fine-tunes every layer")
@@ -98,6 +101,9 @@ def _demo(args: argparse.Namespace) -> int:
     check_eps(args.eps)  # bad settings and outputs fail here, before any training
     check_eps(args.every_eps)
     _check_budget(args.budget)
+    _check_budget(args.fit)
+    if args.fit is not None and args.no_every:
+        raise ValueError("--fit sets the budget of the every-layer fit run, which --no-every skips")
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
     _check_training_numbers(args)
@@ -105,7 +111,7 @@ def _demo(args: argparse.Namespace) -> int:
     rows, chosen = run_demo(
         layers=args.layers, eps=args.eps, budget=args.budget, pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-        device=args.torch_device, whole_step=not args.no_every, every_eps=args.every_eps,
+        device=args.torch_device, whole_step=not args.no_every, every_eps=args.every_eps, fit_budget=args.fit,
     )
     print("Fine-tuning TinyMobileNet on digits 5-9 after pretraining on 0-4 (scikit-learn digits, 32x32)")
     print(format_table(rows))
@@ -404,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--neighbour-eps", type=float, default=None, help="vit: eps of the whole step's packed tensors (default 0.99)")
     demo.add_argument("--budget", default=None, help="mobilenet: budget for the planned run, bytes kept by autograd (default 2.5MiB)")
     demo.add_argument("--every-eps", type=float, default=None, help="mobilenet: eps of the run that fine-tunes every layer (default 0.95)")
-    demo.add_argument("--no-every", action="store_true", help="mobilenet: skip the two runs that fine-tune every layer")
+    demo.add_argument("--no-every", action="store_true", help="mobilenet: skip the three runs that fine-tune every layer")
+    demo.add_argument("--fit", metavar="BUDGET", help="mobilenet: device budget of the fit run (default a quarter of plain's device total)")
     demo.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 6; vit 10)")
     demo.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default 6; vit 20)")
     demo.add_argument("--batch-size", type=int, default=64)

@@ -3,9 +3,11 @@
 A TinyMobileNet is pretrained on scikit-learn's digits 0-4 (upsampled to 32x32), then its last
 N Conv/Linear layers are fine-tuned on digits 5-9 from the same starting point: with plain
 autograd, with HOSVD at a fixed eps, and with the per-layer eps that :func:`actcomp.plan`
-chooses for a memory budget. For each run the table shows what the fine-tuned layers keep,
-what autograd keeps in all (measured with saved_tensors_hooks), the peak allocation of a
-training step, test accuracy and the median time per step; a plot is written beside it.
+chooses for a memory budget; then every layer, plain, with HOSVD, and as :func:`actcomp.fit`
+makes the whole step fit a device budget (the levers it chose and the device total before and
+after). For each run the table shows what the fine-tuned layers keep, what autograd keeps in
+all (measured with saved_tensors_hooks), the peak allocation of a training step, test accuracy
+and the median time per step; a plot is written beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from actcomp.core.config import CompressionConfig
 from actcomp.app.data import digits, split
 from actcomp.attach import compress, select_layers, stats
 from actcomp.memory import format_bytes, measure
+from actcomp.memory.fit import FitReport, fit
 from actcomp.memory.plan import Plan, plan
 from actcomp.app.models import TinyMobileNet
 from actcomp.memory.format import aligned_table
@@ -40,6 +43,7 @@ class DemoRow:
     accuracy: float
     step_ms: float
     peak_set_by_forward: bool | None = None  # the peak is a forward's, not what backward keeps
+    note: str = ""  # printed under the table (the fit run: its levers and device totals)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,52 @@ def finetune_copy(task: Task, names: list[str], config: CompressionConfig | Plan
     return model, step_ms
 
 
+def finetune_fitted(
+    task: Task, names: list[str], budget: str | None, fraction: float, epochs: int, batch_size: int, seed: int, progress: bool
+) -> tuple[nn.Module, list[float], FitReport]:
+    """A copy of the pretrained model, the layers ``names`` trained with Adam, each step as
+    :func:`actcomp.fit` makes it fit ``budget`` (default: ``fraction`` of plain autograd's
+    device total, as fit measures it) on the first batch; BatchNorm on its running statistics
+    (the usual fine-tuning setting, which makes micro-batching exact)."""
+    model = copy.deepcopy(task.base)
+    model.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].requires_grad_(True)
+    first = (task.train_x[:batch_size].to(task.device), task.train_y[:batch_size].to(task.device))
+    if budget is None:
+        probe = copy.deepcopy(model)
+        plain = fit(probe, torch.optim.Adam([p for p in probe.parameters() if p.requires_grad], lr=3e-3), 2**62, first, nn.functional.cross_entropy,
+                    freeze_batchnorm=True, retime_rounds=0).report.plain.total_bytes
+        budget = format_bytes(int(plain * fraction))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    step = fit(model, optimizer, budget, first, nn.functional.cross_entropy, freeze_batchnorm=True)
+    generator = torch.Generator().manual_seed(seed)
+    step_ms = []
+    batches = epochs * ((len(task.train_y) + batch_size - 1) // batch_size)
+    with tqdm(total=batches, desc=f"fine-tune 5-9 (fit in {budget})", leave=False, disable=not progress) as bar:
+        for _ in range(epochs):
+            for xb, yb in _batches(task.train_x, task.train_y, batch_size, generator, task.device):
+                start = time.perf_counter()
+                value = float(step(xb, yb))
+                step_ms.append((time.perf_counter() - start) * 1e3)
+                bar.set_postfix(loss=f"{value:.3f}")
+                bar.update()
+    step.remove()
+    return model, step_ms, step.report
+
+
+def _fit_note(budget: str, report: FitReport) -> str:
+    plain, chosen = report.plain, report.chosen
+    measured = f"; the first real step measured {format_bytes(report.measured_total_bytes)}" if report.measured_total_bytes else ""
+    return (
+        f"fit in {budget}: plain autograd's device total {format_bytes(plain.total_bytes)} (resident "
+        f"{format_bytes(report.resident_bytes)}: weights, Adam state, batch); fit chose {chosen.describe()}: "
+        f"{format_bytes(chosen.total_bytes)} ({chosen.total_bytes / plain.total_bytes:.2f} of plain), "
+        f"{chosen.step_ms / plain.step_ms:.1f}x plain's step time{measured}"
+    )
+
+
 def run_demo(
     layers: int = 4,
     eps: float = 0.9,
@@ -147,13 +197,17 @@ def run_demo(
     device: str | torch.device | None = None,
     whole_step: bool = True,
     every_eps: float = 0.95,
+    fit_budget: str | None = None,
+    fit_fraction: float = 0.25,
 ) -> tuple[list[DemoRow], Plan]:
     """Pretrain on digits 0-4, fine-tune the last ``layers`` layers on 5-9: plain, HOSVD at
     ``eps``, and HOSVD with the eps per layer that :func:`plan` picks for ``budget`` (bytes
     autograd keeps in a step); with ``whole_step``, also every layer, plain and HOSVD at
     ``every_eps`` (the neighbours keep masks, indices and BatchNorm factors; gradient errors
     add up over every layer, so this run needs a higher eps than the last few layers do: at
-    0.9 the fine-tuning collapses on this task). All on the torch ``device``
+    0.9 the fine-tuning collapses on this task), and every layer trained with each step as
+    :func:`actcomp.fit` makes it fit ``fit_budget`` (default: ``fit_fraction`` of plain's
+    device total; BatchNorm frozen, :func:`finetune_fitted`). All on the torch ``device``
     (default CPU; the peak is then the device allocator's). Everything is seeded. Returns the
     rows and the plan."""
     task = make_task(pretrain_epochs, batch_size, seed, progress, device)
@@ -170,11 +224,25 @@ def run_demo(
         runs += [
             ("none, every layer", every, CompressionConfig("none"), "1"),
             ("hosvd, every layer", every, CompressionConfig("hosvd", every_eps), f"{every_eps:g}"),
+            ("fit", every, None, ""),  # the whole step fitted into a device budget
         ]
     rows = []
     for method, run_names, config, eps_text in runs:
-        model, step_ms = finetune_copy(task, run_names, config, finetune_epochs, batch_size, seed, progress)
-        report = measure(model, *calib[0], nn.functional.cross_entropy, vanilla=False)
+        note = ""
+        if config is None:  # the fitted run
+            model, step_ms, fitted = finetune_fitted(task, run_names, fit_budget, fit_fraction, finetune_epochs, batch_size, seed, progress)
+            budget_text = fit_budget or format_bytes(fitted.budget_bytes)
+            method, note = f"fit in {budget_text}", _fit_note(budget_text, fitted)
+            compression = fitted.chosen.compression
+            eps_text = f"{compression.eps:g}" if compression is not None else "1"
+            if compression is not None:  # measure what the chosen compression keeps
+                compress(model, "all", config=compression)
+        else:
+            model, step_ms = finetune_copy(task, run_names, config, finetune_epochs, batch_size, seed, progress)
+        # the fitted step keeps one micro-batch's graph at a time: what autograd keeps is measured on one
+        chunk = -(-batch_size // fitted.chosen.micro_batches) if config is None else batch_size
+        report = measure(model, calib[0][0][:chunk], calib[0][1][:chunk], nn.functional.cross_entropy, vanilla=False)
+        peak = fitted.chosen.peak_bytes if config is None else report.peak_bytes  # the fitted step's, levers applied
         trained = sum(1 for m in dict(model.named_modules()).values() if any(p.requires_grad for p in m.parameters(recurse=False)))
         rows.append(
             DemoRow(
@@ -183,10 +251,11 @@ def run_demo(
                 eps=eps_text,
                 layer_bytes=sum(s.kept_bytes for s in stats(model).values()),
                 saved_bytes=report.saved_bytes,
-                peak_bytes=report.peak_bytes,
+                peak_bytes=peak,
                 accuracy=accuracy(model, task.test_x, task.test_y),
                 step_ms=statistics.median(step_ms),
                 peak_set_by_forward=report.peak_set_by_forward,
+                note=note,
             )
         )
     return rows, chosen
@@ -203,6 +272,7 @@ def format_table(rows: list[DemoRow]) -> str:
         for r in rows
     ]
     text = aligned_table(header, lines)
+    text += "".join(f"\n{r.note}" for r in rows if r.note)
     forward_set = [r.method for r in rows if r.peak_set_by_forward]
     if forward_set:
         text += (

@@ -45,13 +45,16 @@ def test_demo_runs_and_compression_keeps_less(tmp_path, capsys):
     assert main(["demo", *QUICK, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "hosvd, plan for 2.5MiB" in printed and "kept by autograd" in printed
-    plain, hosvd, planned, every_plain, every = json.loads((tmp_path / "demo.json").read_text())
+    plain, hosvd, planned, every_plain, every, fitted = json.loads((tmp_path / "demo.json").read_text())
     assert hosvd["layer_bytes"] < plain["layer_bytes"] and hosvd["saved_bytes"] < plain["saved_bytes"]
     assert planned["saved_bytes"] <= 2.5 * 2**20
     # every layer trained: the whole step (neighbours included) and the peak move
     assert every["layers"] == every_plain["layers"] > plain["layers"]
     assert every["saved_bytes"] < 0.5 * every_plain["saved_bytes"]
     assert every["peak_bytes"] < every_plain["peak_bytes"]
+    # the whole step fitted into a quarter of plain's device total: the levers and both totals printed
+    assert fitted["method"].startswith("fit in ") and fitted["layers"] == every_plain["layers"]
+    assert "plain autograd's device total" in printed and "fit chose" in printed and "first real step measured" in printed
     assert (tmp_path / "demo.png").stat().st_size > 10_000 and (tmp_path / "plan.json").exists()
 
 
