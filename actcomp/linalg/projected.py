@@ -91,6 +91,11 @@ def projection_order(shape: torch.Size | tuple[int, ...], ranks: dict[int, int])
     return list(min(itertools.permutations(sorted(ranks, reverse=True)), key=cost))
 
 
+def _checks_every_step(x: Tensor) -> bool:
+    """True on the host, where reading the energy check costs no sync (an accelerator defers it)."""
+    return x.device.type == "cpu"
+
+
 def _energy(t: Tensor) -> Tensor:
     """||t||^2 as a 0-d tensor (one BLAS dot product, no temporary)."""
     flat = t.reshape(-1)
@@ -225,7 +230,8 @@ def projected_tucker(
     host, every ``check_every`` steps on an accelerator) refreshes the bases. Computed in float32
     (float64 for float64 input), returned in x's dtype; the fixed factors are the state's bases
     themselves (never modified in place: a refresh replaces them). NaN or Inf raise
-    NonFiniteActivationError (on an accelerator at the next check).
+    NonFiniteActivationError (on an accelerator when the sample modes' Gram matrix reaches the
+    host, or at the next check).
     """
     eps = check_eps(eps)
     if x.ndim < 1 or x.numel() == 0:
@@ -234,7 +240,7 @@ def projected_tucker(
     state.steps += 1
     if eps >= 1.0 or not state.matches(x, sample_modes) or len(state.order) != x.ndim - sample_modes:
         return state.refresh(x, eps, sample_modes)
-    host = x.device.type == "cpu"
+    host = _checks_every_step(x)
     xc = x.detach().to(compute_dtype(x))
     with threads_for(xc):
         if host:
@@ -272,7 +278,11 @@ def projected_tucker(
     for mode in [n for n in truncation_order(x.shape) if n < sample_modes]:
         with threads_for(y):
             unfolding = Unfolding(y, axes, mode)
-            u = unfolding.factor(_leading_subspace(unfolding.gram(), eps))
+            gram = unfolding.gram()
+            copy = gram if gram.device.type == "cpu" else gram.cpu()  # the sample mode's rank needs it
+            if not math.isfinite(float(copy.diagonal().sum())):
+                raise NonFiniteActivationError("the activation holds NaN or Inf values")
+            u = unfolding.factor(_leading_subspace(gram, eps, copy))
             y, axes = unfolding.project(u)
         factors[mode] = u
     state.explained = torch.where(total > 0, _energy(y) / total.clamp_min(tiny), torch.ones_like(total))

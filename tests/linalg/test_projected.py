@@ -150,12 +150,22 @@ def test_state_survives_deepcopy_and_a_saved_state_dict():
         ProjectionState.from_state_dict({"bases": {"1": torch.ones(3)}, "order": [1]})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_accelerator_checks_every_n_steps():
+DEVICES = [pytest.param("cpu-as-accelerator", id="cpu-deferred")] + [
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accelerator_checks_every_n_steps(device, monkeypatch):
+    """On an accelerator the check is read every check_every steps (here on the host with the
+    accelerator's path forced, and on CUDA where there is one)."""
+    if device == "cpu-as-accelerator":
+        monkeypatch.setattr(projected, "_checks_every_step", lambda x: False)
+        device = "cpu"
     state = ProjectionState()
-    base = smooth((4, 6, 7, 7), dtype=torch.float32).cuda()
+    base = smooth((4, 6, 7, 7), dtype=torch.float32).to(device)
     projected_tucker(base, 0.8, state, check_every=4)
-    far = rotated(base.cpu(), 1.2, 1).cuda()  # keeps far less than eps on the old bases
+    far = torch.randn(4, 6, 7, 7, generator=torch.Generator().manual_seed(5)).to(device)  # white noise: far below
     for step in range(1, 4):
         projected_tucker(far, 0.8, state, check_every=4)
         assert state.refreshes == 1 and state.since_check == step
@@ -175,3 +185,14 @@ def test_hosvd_truncates_in_a_given_order():
         assert rel_err(y, tucker.core) < 1e-12
     with pytest.raises(ValueError, match="permutation"):
         hosvd(x, 0.8, order=[0, 0, 1, 2])
+
+
+def test_accelerator_path_reports_non_finite_input(monkeypatch):
+    monkeypatch.setattr(projected, "_checks_every_step", lambda x: False)
+    state = ProjectionState()
+    x = smooth((4, 3, 6, 6), dtype=torch.float32)
+    projected_tucker(x, 0.8, state, check_every=2)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteActivationError):  # seen in the sample modes' Gram matrix, read on the host
+        projected_tucker(bad, 0.8, state, check_every=2)
