@@ -18,6 +18,7 @@ the other from the same pretrained model, so the seeds' spread is what a user wo
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import statistics
 import sys
@@ -32,7 +33,9 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import actcomp  # noqa: E402
+import actcomp.methods.base  # noqa: E402
 from actcomp.app.demo import accuracy, make_task  # noqa: E402
+from actcomp.memory.error import gradient_error_stats, per_tensor_error_stats  # noqa: E402
 from common import machine, markdown_table, publish  # noqa: E402
 
 
@@ -44,6 +47,7 @@ class Variant:
     config: Callable[[], actcomp.CompressionConfig] | None = None
     micro_batches: int = 1
     recompute: bool = False
+    optimizer: str = "adam"  # "adam" (lr 3e-3) or "momentum" (SGD, momentum 0.9, lr 0.03)
 
 
 def hosvd(eps: float, **settings) -> Callable[[], actcomp.CompressionConfig]:
@@ -69,6 +73,34 @@ class BatchModeKept(actcomp.Compressor):
         return factors.ranks
 
 
+def check_modes(modes: object) -> str:
+    if not isinstance(modes, str) or not modes or set(modes) - set("bcs"):
+        raise ValueError(f"truncate must be letters of 'bcs' (batch, channel, spatial), got {modes!r}")
+    return modes
+
+
+@actcomp.register_method
+class ModesTruncated(actcomp.Compressor):
+    """An experiment of this benchmark (not a library method): hosvd truncating at eps only the
+    modes named by ``truncate`` (b: the sample modes, c: channels, s: spatial modes), the other
+    modes kept whole (threshold 1.0), to find which mode's truncation costs accuracy."""
+
+    name = "bench_hosvd_modes"
+    own_settings = (actcomp.methods.base.Setting("truncate", "bcs", check_modes, "modes hosvd truncates"),)
+
+    def compress(self, x: Tensor, layout: actcomp.InputLayout, state: object) -> actcomp.Tucker:
+        kinds = "bc" + "s" * layout.spatial if layout.spatial else "b" * (x.ndim - 1) + "c"
+        eps = tuple(self.config.eps if kind in self.config.truncate else 1.0 for kind in kinds)
+        return actcomp.hosvd(x, eps)
+
+    def ranks(self, factors: actcomp.Tucker) -> tuple[int, ...]:  # type: ignore[override]
+        return factors.ranks
+
+
+def modes(eps: float, truncate: str) -> Callable[[], actcomp.CompressionConfig]:
+    return lambda: actcomp.CompressionConfig("bench_hosvd_modes", eps, truncate=truncate)
+
+
 VARIANTS = {  # names hold no comma: --variants is a comma-separated list
     v.name: v
     for v in [
@@ -84,8 +116,26 @@ VARIANTS = {  # names hold no comma: --variants is a comma-separated list
         Variant("hosvd 0.9 + 16 micro-batches", hosvd(0.9), micro_batches=16),
         Variant("hosvd 0.9 (batch mode kept)", method("bench_hosvd_batch_kept", 0.9)),
         Variant("hosvd 0.8 (batch mode kept)", method("bench_hosvd_batch_kept", 0.8)),
+        Variant("hosvd 0.9 batch mode only", modes(0.9, "b")),
+        Variant("hosvd 0.9 channel mode only", modes(0.9, "c")),
+        Variant("hosvd 0.9 spatial modes only", modes(0.9, "s")),
+        Variant("plain (SGD momentum)", optimizer="momentum"),
+        Variant("hosvd 0.9 (SGD momentum)", hosvd(0.9), optimizer="momentum"),
+        Variant("hosvd_unbiased 0.9", method("hosvd_unbiased", 0.9)),
+        Variant("hosvd_unbiased 0.95", method("hosvd_unbiased", 0.95)),
+        Variant("hosvd_unbiased 0.8", method("hosvd_unbiased", 0.8)),
+        Variant("svd_unbiased 0.9", method("svd_unbiased", 0.9)),
+        Variant("hosvd_unbiased 0.9 + 4 micro-batches", method("hosvd_unbiased", 0.9), micro_batches=4),
+        Variant("hosvd_unbiased 0.9 + 16 micro-batches", method("hosvd_unbiased", 0.9), micro_batches=16),
+        Variant("hosvd_unbiased 0.9 (SGD momentum)", method("hosvd_unbiased", 0.9), optimizer="momentum"),
     ]
 }
+
+
+def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
+    if kind == "momentum":
+        return torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=3e-3)
 
 
 def trainable_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, micro_batches: int) -> float:
@@ -137,29 +187,59 @@ def relative_error(grads: list[Tensor], reference: list[Tensor]) -> float:
     return (num / sum(float(r.double().pow(2).sum()) for r in reference)) ** 0.5
 
 
-def gradient_errors(base: nn.Module, model: nn.Module, batches: list[tuple[Tensor, Tensor]], micro_batches: int) -> tuple[float, float]:
-    """(mean per-batch relative error, bias) of the variant's gradients against plain's over
-    ``batches`` from the same weights: the bias is ||sum_b (g_b - g_plain_b)|| / ||sum_b
-    g_plain_b||, the error left after averaging over batches (what an optimizer accumulates)."""
-    errors, summed, summed_plain = [], None, None
+def gradient_errors(base: nn.Module, model: nn.Module, batches: list[tuple[Tensor, Tensor]], micro_batches: int) -> dict[str, float]:
+    """Measures of the variant's gradients over ``batches`` from the same weights.
+
+    ``grad_error``: mean per-batch ||g - g_plain|| / ||g_plain|| against plain on the full batch
+    (fit's measure); ``error_same``: the same against plain on the same micro-batches (the exact
+    counterpart: BatchNorm sees the same chunks, so only compression's error is left); ``bias``,
+    ``spread``, ``noise`` and ``learning_error``: :func:`actcomp.memory.error.gradient_error_stats`
+    against that counterpart (bias: the error left after averaging over the batches, with the
+    sampling error of the mean removed; spread: the error's batch-to-batch part; noise: plain's
+    minibatch noise; learning error: sqrt(10 bias^2 + spread^2) / noise)."""
+    errors, errors_same, estimates, exact = [], [], [], []
     for x, y in batches:
         plain = gradient(copy.deepcopy(base).requires_grad_(True), x, y, 1)
+        same = plain if micro_batches == 1 else gradient(copy.deepcopy(base).requires_grad_(True), x, y, micro_batches)
         grads = gradient(copy.deepcopy(model), x, y, micro_batches)
         errors.append(relative_error(grads, plain))
-        summed = grads if summed is None else [a + b for a, b in zip(summed, grads)]
-        summed_plain = plain if summed_plain is None else [a + b for a, b in zip(summed_plain, plain)]
-    return statistics.mean(errors), relative_error(summed, summed_plain)
+        errors_same.append(relative_error(grads, same))
+        estimates.append(grads)
+        exact.append(same)
+    stats = gradient_error_stats(estimates, exact)
+    names = [name for name, _ in model.named_parameters()]
+    layers = {name: t for name, t in zip(names, per_tensor_error_stats(estimates, exact)) if t is not None and name.endswith("weight")}
+    layer_bias = [t.bias for t in layers.values()]
+    return dict(
+        grad_error=statistics.mean(errors), error_same=statistics.mean(errors_same), bias=stats.bias, spread=stats.spread,
+        noise=stats.noise, learning_error=stats.learning_error(),
+        layer_bias=statistics.median(layer_bias), mean_layer_bias=statistics.mean(layer_bias),
+        layer_spread=statistics.median(t.spread for t in layers.values()),
+        per_layer={name: [t.bias, t.spread, t.noise] for name, t in layers.items()},
+    )
 
 
-def run_seed(seed: int, variants: list[Variant], epochs: int, batch_size: int) -> dict[str, dict[str, float]]:
+MEASURES = {  # key of gradient_errors' result: column title
+    "grad_error": "gradient error", "error_same": "error vs same chunks", "bias": "bias", "spread": "spread",
+    "noise": "noise", "learning_error": "learning error", "layer_bias": "median layer bias", "layer_spread": "median layer spread",
+}
+
+
+def run_seed(
+    seed: int, variants: list[Variant], epochs: int, batch_size: int, measure_only: bool = False, save: Callable[[dict], None] | None = None
+) -> dict[str, dict[str, float]]:
     task = make_task(seed=seed, progress=False)
     results = {}
     probes = [(task.train_x[i : i + batch_size], task.train_y[i : i + batch_size]) for i in range(0, 8 * batch_size, batch_size)]
     for variant in variants:
         torch.manual_seed(seed)
         model = prepare(task.base, variant, task.train_x[:2])
-        error, bias = gradient_errors(task.base, model, probes, variant.micro_batches)
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        measures = gradient_errors(task.base, model, probes, variant.micro_batches)
+        if measure_only:
+            results[variant.name] = measures
+            print(f"seed {seed} {variant.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in measures.items() if isinstance(v, float)), flush=True)
+            continue
+        optimizer = make_optimizer(model, variant.optimizer)
         generator = torch.Generator().manual_seed(seed)
         model.train()
         start = time.perf_counter()
@@ -175,9 +255,12 @@ def run_seed(seed: int, variants: list[Variant], epochs: int, batch_size: int) -
         saved, peak, total = device_total(model, optimizer, task.train_x[:chunk], task.train_y[:chunk])
         results[variant.name] = dict(
             accuracy=accuracy(model, task.test_x, task.test_y), saved=saved, peak=peak, total=total, step_ms=1e3 * seconds / steps,
-            grad_error=error, grad_bias=bias,
+            **measures,
         )
-        print(f"seed {seed} {variant.name}: {100 * results[variant.name]['accuracy']:.1f}%, total {total / 2**20:.2f} MiB, gradient error {error:.3f}, bias {bias:.3f}", flush=True)
+        if save is not None:
+            save(results)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in measures.items() if isinstance(v, float))
+        print(f"seed {seed} {variant.name}: {100 * results[variant.name]['accuracy']:.1f}%, total {total / 2**20:.2f} MiB, {shown}", flush=True)
     return results
 
 
@@ -188,6 +271,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
     parser.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
+    parser.add_argument("--section", default="quality", help="BENCHMARKS.md section to write (default quality)")
+    parser.add_argument("--json", help="also save every seed's measurements to this file")
+    parser.add_argument("--from-json", help="comma-separated files saved by --json: make the table from them (the seeds of all), run nothing")
+    parser.add_argument("--measure-only", action="store_true", help="only the gradient measures (no training); with --json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -196,7 +283,28 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     variants = [VARIANTS[n] for n in names]
-    per_seed = [run_seed(seed, variants, args.epochs, args.batch_size) for seed in seeds]
+    if args.measure_only and not args.json:
+        raise SystemExit("--measure-only needs --json (the measures are merged into a table with --from-json)")
+    per_seed = []
+    if args.from_json:
+        loaded: dict[str, dict] = {}
+        for path in args.from_json.split(","):
+            for seed, results in json.loads(Path(path).read_text()).items():
+                for name, values in results.items():  # later files add to (or replace) earlier measures
+                    loaded.setdefault(seed, {}).setdefault(name, {}).update(values)
+        seeds = sorted(int(s) for s in loaded)
+        per_seed = [loaded[str(seed)] for seed in seeds]
+        args.seeds = ",".join(map(str, seeds))
+    for seed in [] if args.from_json else seeds:
+
+        def save(results: dict, seed: int = seed) -> None:  # after every variant: a stopped run keeps what it measured
+            if args.json:
+                Path(args.json).write_text(json.dumps({**dict(zip(seeds, per_seed)), seed: results}, indent=1))
+
+        per_seed.append(run_seed(seed, variants, args.epochs, args.batch_size, args.measure_only, save))
+        save(per_seed[-1])
+    if args.measure_only:
+        return
     plain = per_seed[0].get("plain")
     rows = []
     for variant in variants:
@@ -208,22 +316,26 @@ def main() -> None:
             f"{statistics.mean(accs):.1f}% ({min(accs):.1f}-{max(accs):.1f})",
             ratio("saved"), ratio("peak"), ratio("total"), f"{first['total'] / 2**20:.2f} MiB",
             f"{statistics.median(r[variant.name]['step_ms'] for r in per_seed):.0f}",
-            f"{statistics.mean(r[variant.name]['grad_error'] for r in per_seed):.3f}",
-            f"{statistics.mean(r[variant.name]['grad_bias'] for r in per_seed):.3f}",
+            *(f"{statistics.mean(r[variant.name][key] for r in per_seed):.3f}" for key in MEASURES),
         ])
-    header = ["variant", "test accuracy, mean (min-max)", "saved / plain", "peak / plain", "total / plain", "device total", "ms/step", "gradient error", "gradient bias"]
+    header = ["variant", "test accuracy, mean (min-max)", "saved / plain", "peak / plain", "total / plain", "device total", "ms/step", *MEASURES.values()]
     command = f"python bench/quality.py --seeds {args.seeds} --epochs {args.epochs} --batch-size {args.batch_size}"
     if names != list(VARIANTS):
         command += f" --variants '{args.variants}'"
     text = (
         f"### Learning quality at equal memory (demo task, every layer trained)\n\n`{command}`; {machine(torch.device('cpu'))}\n\n"
-        f"Adam lr 3e-3, batch {args.batch_size}, {args.epochs} epochs, seeds {args.seeds}; memory of one step on the "
-        "micro-batch the variant runs (device total = weights + buffers + Adam state + batch + allocator peak); "
-        "gradient error: ||g - g_plain|| / ||g_plain|| per batch from the pretrained weights, mean over 8 batches and the "
-        "seeds (the measure fit's max_error bounds); gradient bias: the same on the sum of the 8 batches' gradients.\n\n"
+        f"Adam lr 3e-3 (SGD momentum 0.9 lr 0.03 where named), batch {args.batch_size}, {args.epochs} epochs, seeds "
+        f"{args.seeds}; memory of one step on the micro-batch the variant runs (device total = weights + buffers + "
+        "optimizer state + batch + allocator peak; ratios from seed 0). Gradient measures from the pretrained weights over "
+        "8 batches, mean over the seeds: gradient error ||g - g_plain|| / ||g_plain|| per batch against plain on the full "
+        "batch (fit's max_error measure); error vs same chunks: against plain on the same micro-batches; bias, spread, "
+        "noise (`actcomp.memory.error.gradient_error_stats`, against plain on the same chunks, relative to the mean "
+        "gradient): the error left after averaging over the batches (sampling error of the mean removed), its "
+        "batch-to-batch part, plain's own minibatch noise; learning error sqrt(10 bias^2 + spread^2) / noise; median "
+        "layer bias / spread: the same per weight tensor (each layer against its own gradient), median over the layers.\n\n"
         + markdown_table(header, rows)
     )
-    publish("quality", text, args.write)
+    publish(args.section, text, args.write)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GradientErrorStats", "gradient_error_stats"]
+__all__ = ["GradientErrorStats", "gradient_error_stats", "per_tensor_error_stats"]
 
 
 def _flat_pair(estimate: Sequence[Tensor | None], exact: Sequence[Tensor | None]) -> tuple[Tensor, Tensor]:
@@ -92,3 +92,20 @@ def gradient_error_stats(
         raise ValueError("the exact gradients average to zero: no relative error can be given")
     bias_sq = max(0.0, float((mean_e**2).sum()) - cov_e / n)
     return GradientErrorStats(math.sqrt(bias_sq) / scale, math.sqrt(cov_e) / scale, math.sqrt(cov_g) / scale, n)
+
+
+def per_tensor_error_stats(
+    estimates: Sequence[Sequence[Tensor | None]], exact: Sequence[Sequence[Tensor | None]]
+) -> list[GradientErrorStats | None]:
+    """:func:`gradient_error_stats` of each parameter tensor on its own (None where the exact
+    gradients of that tensor average to zero or are missing): an optimizer that normalises per
+    coordinate (Adam) weighs a layer's error against that layer's gradient, not the model's."""
+    if not exact or any(len(b) != len(exact[0]) for b in (*estimates, *exact)):
+        raise ValueError("per_tensor_error_stats needs one gradient per parameter in every batch")
+    out: list[GradientErrorStats | None] = []
+    for i in range(len(exact[0])):
+        try:
+            out.append(gradient_error_stats([[b[i]] for b in estimates], [[b[i]] for b in exact]))
+        except ValueError:
+            out.append(None)
+    return out

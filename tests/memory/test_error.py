@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.memory.error import GradientErrorStats, gradient_error_stats
+from actcomp.memory.error import GradientErrorStats, gradient_error_stats, per_tensor_error_stats
 
 
 def batches_of(n, size=50, seed=0):
@@ -96,3 +96,16 @@ def test_truncation_is_biased_and_the_sampled_method_is_not():
         results[method] = gradient_error_stats(grads(model), exact)
     assert results["hosvd"].bias > 4 * results["hosvd_unbiased"].bias
     assert results["hosvd_unbiased"].spread > results["hosvd"].spread
+
+
+def test_per_tensor_stats_weigh_each_tensor_by_its_own_gradient():
+    exact, _ = batches_of(5)
+    small = [[g[0], 1e-3 * g[0]] for g in exact]
+    mean = torch.stack([g[1] for g in small]).mean(0)
+    estimates = [[g[0], g[1] + mean] for g in small]  # the small tensor off by its own mean gradient
+    whole = gradient_error_stats(estimates, small)
+    first, second = per_tensor_error_stats(estimates, small)
+    assert first.bias == 0.0 and first.spread == 0.0
+    assert second.bias == pytest.approx(1.0, rel=1e-9)  # 100% of its own gradient
+    assert whole.bias < 2e-3  # invisible in the whole vector
+    assert per_tensor_error_stats([[None]] * 2, [[None]] * 2) == [None]
