@@ -11,7 +11,8 @@ for every method but Gradient Filter):
 
 Never worse than plain: when the factors would take more bytes than x itself (eps near 1,
 a small input), the layer keeps x instead for this step (its stats and measure() say policy
-``"plain"``) and dW is computed from x as plain autograd computes it.
+``"plain"``) and dW is computed from x as plain autograd computes it. At eps = 1 a stateless
+method's factors are full rank, so x is kept without being decomposed.
 
 An empty input (a batch of 0 samples, or any mode of size 0) keeps nothing: dW is zero (a sum
 over no samples), dX is empty and db is dY summed, zero; the method is not asked to factor it.
@@ -79,6 +80,20 @@ def keep_input(state: Any, x: Tensor) -> None:
     mark_kept(PLAIN, x)  # packers leave it alone; measure reports it as "plain"
 
 
+def full_rank_at_one(call: "_Call") -> bool:
+    """True for a stateless method tuned by eps, exact at eps = 1, asked for eps = 1: its
+    factors then keep every direction of x (Tucker: a core of x's size and a basis per mode;
+    rank-k: both sides at full rank), more bytes than x itself except for an input of exactly
+    deficient rank, so the layer keeps x without decomposing it."""
+    compressor = call.compressor
+    return (
+        call.state.config.eps >= 1.0
+        and compressor.knob == "eps"
+        and compressor.exact_at_one
+        and call.state.method_state is None
+    )
+
+
 def plain_weight_grad(family: LayerFamily, x: Tensor, grad: Tensor, weight: Tensor, geometry: Any) -> Tensor:
     """dW from the full input x, as plain autograd computes it: the vector-Jacobian product of
     the family's forward y = f(x, W) with dY, with respect to W (exact for every family and
@@ -112,6 +127,14 @@ class CompressedOp(torch.autograd.Function):
         if not weight.requires_grad or x.numel() == 0:
             call.state.record(x, (), 0)
             ctx.save_for_backward(weight)
+            return
+        if full_rank_at_one(call):
+            # eps 1: the factors would hold every singular direction and outweigh x; keep x
+            # without decomposing it (no workspace above plain's peak)
+            call.state.record(x, (), x.numel() * x.element_size(), method=PLAIN)
+            mark_kept(PLAIN, x)
+            ctx.kind = PLAIN
+            ctx.save_for_backward(weight, x)
             return
         factors = call.state.compress(x, call.layout)
         if factors.nbytes > x.numel() * x.element_size():

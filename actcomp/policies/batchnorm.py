@@ -15,6 +15,8 @@ modes written <.>:
   channels of unequal energy and a per-channel mean, so at the same eps it usually takes
   fewer bytes than x_hat, whose channels all have unit variance, and it spends eps on x's
   energy rather than x_hat's (channels of small variance are approximated less well).
+  Never worse than plain: where the factors would take more bytes than x (eps near 1, a small
+  x), x itself is kept (stats and measure: policy ``plain``) and x_hat made from it in backward.
 
 The forward is torch's own (running statistics and num_batches_tracked updated as nn.BatchNorm
 does), so outputs are unchanged.
@@ -29,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from actcomp.policies.base import NeighbourState, register_neighbour
 from actcomp.core.dispatch import mark_kept
+from actcomp.kernels.function import PLAIN as _PLAIN, keep_input
 
 
 def _channel(v: Tensor, ndim: int) -> Tensor:
@@ -56,13 +59,20 @@ class FactoredBatchNorm(torch.autograd.Function):
                     x_hat = x.sub(_channel(mean, x.ndim)).mul_(_channel(invstd, x.ndim))
                     factors = state.factor(x_hat.to(x.dtype))
                     del x_hat
-            ctx.factors_type, ctx.meta = type(factors), factors.meta()
-            tensors += list(factors.tensors())
+            if factors.nbytes > x.numel() * x.element_size():
+                # never worse than plain: factors larger than x (eps near 1, a small x) -> x
+                keep_input(state, x)
+                ctx.factors_type = _PLAIN
+                tensors.append(x.detach())
+            else:
+                ctx.factors_type, ctx.meta = type(factors), factors.meta()
+                mark_kept("factors", *factors.tensors())
+                tensors += list(factors.tensors())
         else:
             state.keep("nothing", x, 0)
         # torch's own forward: the same outputs and running statistics as nn.BatchNorm
         y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
-        mark_kept("factors" if keep_x_hat else "nothing", *tensors)
+        mark_kept("factors" if keep_x_hat else "nothing", *tensors[:2])  # mean and 1/sigma
         ctx.save_for_backward(weight, *tensors)
         ctx.batch_stats, ctx.has_bias, ctx.of_input = batch_stats, bias is not None, of_input
         return y
@@ -74,8 +84,13 @@ class FactoredBatchNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dims = (0, *range(2, grad_out.ndim))
         factors_type = ctx.factors_type
-        x_hat = factors_type.from_tensors(tuple(factor_tensors), **ctx.meta).reconstruct().to(grad_out.dtype) if factors_type else None
-        if x_hat is not None and ctx.of_input:  # the factors stand for x: normalise in place
+        if factors_type is _PLAIN:  # x itself was kept: x_hat made from it as from x's factors
+            x_hat = factor_tensors[0].to(grad_out.dtype).clone()
+        elif factors_type is not None:
+            x_hat = factors_type.from_tensors(tuple(factor_tensors), **ctx.meta).reconstruct().to(grad_out.dtype)
+        else:
+            x_hat = None
+        if x_hat is not None and (ctx.of_input or factors_type is _PLAIN):  # x: normalise in place
             x_hat.sub_(_channel(mean.to(x_hat.dtype), x_hat.ndim)).mul_(_channel(invstd.to(x_hat.dtype), x_hat.ndim))
         sum_dy = grad_out.sum(dims)
         dy_x_hat = _channel_dot(grad_out, x_hat) if x_hat is not None else None
@@ -146,3 +161,18 @@ def batchnorm(module: nn.modules.batchnorm._BatchNorm, x: Tensor, state: Neighbo
     running_var = module.running_var if use_running else None
     of_input = state.neighbours.batchnorm == "input"
     return FactoredBatchNorm.apply(x, weight, bias, running_mean, running_var, batch_stats, momentum, module.eps, state, keep_x_hat, of_input)
+
+
+#: timm's BatchNorm followed by its dropout and activation in one module (efficientnet,
+#: mobilenetv3): a BatchNorm2d subclass overriding forward, registered by qualified name.
+TIMM_BATCHNORM_ACT = "timm.layers.norm_act.BatchNormAct2d"
+
+
+@register_neighbour(TIMM_BATCHNORM_ACT, tradeable=_batch_statistics_used)
+def batchnorm_act(module: nn.modules.batchnorm._BatchNorm, x: Tensor, state: NeighbourState) -> Tensor | None:
+    """timm's ``BatchNormAct2d``: the BatchNorm policy, then the module's own ``drop`` and
+    ``act`` children (themselves neighbours with their own policies: a ReLU keeps bits)."""
+    y = batchnorm(module, x, state)
+    if y is None:
+        return None
+    return module.act(module.drop(y))

@@ -8,8 +8,10 @@ bytes are kept as they are; any other is replaced by its HOSVD factors at eps wh
 smaller (policy ``packed``). Backward rebuilds the tensor from the factors (transiently: one
 full-size tensor at a time) and hands it to the op's own backward, so every op is covered
 (attention products, softmax, LayerNorm, functional calls in ``forward``) at the price of
-approximating what that op keeps; eps = 1 is exact up to round-off. The same tensor saved by
-several ops is packed once.
+approximating what that op keeps. The same tensor saved by several ops is packed once.
+Never worse than plain: at eps = 1 nothing is packed (full-rank factors outweigh the tensor),
+and neither is a tensor whose storage this forward already keeps as it is (another op saved
+it, or a view of it, unpacked: factors would be kept on top of it).
 """
 
 from __future__ import annotations
@@ -55,17 +57,29 @@ class GenericPacker:
         # storages of the model's parameters and buffers, set per forward: a view of a weight
         # (w.t(), in_proj_weight.chunk(3)) is saved by plain autograd at no cost and never packed
         self.fixed: set[int] = set()
+        # storages saved as they are in this forward (declined, or marked by a kernel): packing
+        # another view of one would keep factors on top of the storage
+        self.kept: set[int] = set()
 
     def __call__(self, t: Tensor) -> PackedTensor | None:
+        packed = self._pack(t)
+        if packed is None:
+            self.kept.add(t.untyped_storage().data_ptr())
+        return packed
+
+    def _pack(self, t: Tensor) -> PackedTensor | None:
         if marked_policy(t) is not None or isinstance(t, nn.Parameter):
             return None
         if not t.is_floating_point() or t.ndim < 2 or t.numel() == 0 or t.numel() * t.element_size() < self.threshold:
             return None
+        if self.eps >= 1.0:
+            return None  # full-rank factors outweigh the tensor (never worse than plain)
         cached = _PACKED.get(t)
         if cached is not None and cached[0] == (t._version, self.eps):
             return cached[1]
-        if t.untyped_storage().data_ptr() in self.fixed:
-            return None
+        storage = t.untyped_storage().data_ptr()
+        if storage in self.fixed or storage in self.kept:
+            return None  # a weight's view, or a storage this forward keeps anyway: factors would add to it
         try:
             factors = hosvd(t, self.eps)
         except NonFiniteActivationError:
@@ -91,6 +105,8 @@ class _Session:
         if context is not None:
             tensors = (*module.parameters(), *module.buffers())
             self.packer.fixed = {t.untyped_storage().data_ptr() for t in tensors}
+            if not self.contexts or all(c is None for c in self.contexts):
+                self.packer.kept = set()  # the outermost packed forward begins
             context.__enter__()
         self.contexts.append(context)
 
