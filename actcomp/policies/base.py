@@ -14,7 +14,8 @@ state_dict keys and isinstance checks unchanged) for versions whose autograd Fun
 * ``factors``: BatchNorm that uses batch statistics (train mode), or whose weight trains, keeps
   Tucker factors of its normalised input x_hat at eps (approximate; eps = 1 is exact); opt out
   with ``Neighbours(batchnorm="keep")``.
-* ``bits<k>``: GELU, SiLU, Hardswish, Sigmoid, Tanh keep a k-bit code of their input's bucket and
+* ``bits<k>``: GELU, SiLU, Hardswish, Sigmoid, Tanh (and transformers' activation classes of
+  the same functions) keep a k-bit code of their input's bucket and
   use a piecewise-constant derivative (approximate, explicit opt-in
   ``Neighbours(activations="bits4")``); by default they are left exact (plain autograd keeps
   their input or output).
@@ -106,27 +107,37 @@ class NeighbourRegistration:
 
 
 _REGISTRY: dict[type[nn.Module], NeighbourRegistration] = {}
+_BY_NAME: dict[str, NeighbourRegistration] = {}  # "package.module.Class" -> registration (type not imported)
 _RESOLVED: dict[type, "NeighbourRegistration | None"] = {}  # lookups, cleared on every registration
 
 
 def register_neighbour(
-    *module_types: type[nn.Module],
+    *module_types: "type[nn.Module] | str",
     applies: Callable[[Neighbours], bool] = _always,
     tradeable: Callable[[nn.Module], bool] = _never,
 ) -> Callable[[Handler], Handler]:
     """Decorator: ``handler(module, x, state) -> y`` runs these module types in a training
     step, keeping what its policy says; returning None runs the plain forward instead.
-    ``applies`` and ``tradeable``: see :class:`NeighbourRegistration`."""
+    ``applies`` and ``tradeable``: see :class:`NeighbourRegistration`. A type may be given by
+    its qualified name (``"transformers.activations.SiLUActivation"``) so that its package need
+    not be imported; it is matched when a model uses it."""
 
     def decorate(handler: Handler) -> Handler:
         for module_type in module_types:
+            if isinstance(module_type, str) and "." in module_type:
+                _BY_NAME[module_type] = NeighbourRegistration(module_type, handler, applies, tradeable)  # type: ignore[arg-type]
+                continue
             if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-                raise TypeError(f"register an nn.Module subclass, got {module_type!r}")
+                raise TypeError(f"register an nn.Module subclass or its qualified name 'package.module.Class', got {module_type!r}")
             _REGISTRY[module_type] = NeighbourRegistration(module_type, handler, applies, tradeable)
         _RESOLVED.clear()
         return handler
 
     return decorate
+
+
+def _own_registration(cls: type) -> NeighbourRegistration | None:
+    return _REGISTRY.get(cls) or (_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}") if _BY_NAME else None)
 
 
 def neighbour_registration(module_type: type[nn.Module]) -> NeighbourRegistration | None:
@@ -138,7 +149,7 @@ def neighbour_registration(module_type: type[nn.Module]) -> NeighbourRegistratio
     module_type = getattr(module_type, "_actcomp_base", module_type)
     if module_type in _RESOLVED:
         return _RESOLVED[module_type]
-    found = inherited_registration(module_type, _REGISTRY.get)
+    found = inherited_registration(module_type, _own_registration)
     _RESOLVED[module_type] = found
     return found
 
@@ -149,9 +160,10 @@ def neighbour_handler(module_type: type[nn.Module]) -> Handler | None:
     return registration.handler if registration is not None else None
 
 
-def registered_neighbours() -> tuple[type[nn.Module], ...]:
-    """Every module type registered with a neighbour policy, in registration order."""
-    return tuple(_REGISTRY)
+def registered_neighbours() -> tuple["type[nn.Module] | str", ...]:
+    """Every module type registered with a neighbour policy, in registration order (types
+    registered by qualified name as those names)."""
+    return (*_REGISTRY, *_BY_NAME)
 
 
 def tradeable_neighbour(module: nn.Module) -> bool:

@@ -1,5 +1,6 @@
 """Smooth activations with a k-bit derivative (opt-in, approximate): GELU, SiLU, Hardswish,
-Sigmoid, Tanh.
+Sigmoid, Tanh, and transformers' SiLUActivation, GELUActivation, NewGELUActivation and GELUTanh
+(by qualified name).
 
 Their backward needs f'(x) at every element; plain autograd keeps x (or f(x)) in full. With
 ``Neighbours(activations="bits<k>")`` the forward keeps only a k-bit code per element: the
@@ -94,7 +95,24 @@ _FUNCTIONS = {
 }
 
 
+#: transformers' activation classes (plain nn.Module subclasses, not torch's), registered by
+#: qualified name: the function each computes (GELUActivation: erf GELU; NewGELUActivation and
+#: GELUTanh: its tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))).
+BY_NAME = {
+    "transformers.activations.SiLUActivation": "silu",
+    "transformers.activations.GELUActivation": "gelu",
+    "transformers.activations.NewGELUActivation": "gelu_tanh",
+    "transformers.activations.GELUTanh": "gelu_tanh",
+}
+
+
 def _function_name(module: nn.Module) -> str:
+    named = BY_NAME.get(f"{type(module).__module__}.{type(module).__qualname__}")
+    if named is None:
+        base = getattr(type(module), "_actcomp_base", None)  # a swapped module: its own class
+        named = BY_NAME.get(f"{base.__module__}.{base.__qualname__}") if base is not None else None
+    if named is not None:
+        return named
     if isinstance(module, nn.GELU):
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
     for cls, name in ((nn.SiLU, "silu"), (nn.Hardswish, "hardswish"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh")):
@@ -127,7 +145,7 @@ class QuantizedDerivative(torch.autograd.Function):
         return grad_out * derivative, None, None, None
 
 
-@register_neighbour(*SMOOTH, applies=lambda neighbours: neighbours.activations != "exact")
+@register_neighbour(*SMOOTH, *BY_NAME, applies=lambda neighbours: neighbours.activations != "exact")
 def quantized(module: nn.Module, x: Tensor, state: NeighbourState) -> Tensor | None:
     """A smooth activation with a k-bit derivative where approximate policies apply."""
     policy = state.neighbours.activations

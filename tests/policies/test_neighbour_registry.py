@@ -138,6 +138,19 @@ def test_factor_config_names_the_method_from_the_method_registry(monkeypatch):
     assert factor_config(CompressionConfig("gradient_filter", 0.8), Neighbours()) == CompressionConfig("svd", 0.8)
 
 
-def test_register_neighbour_refuses_what_is_not_a_module_type():
-    with pytest.raises(TypeError, match="nn.Module subclass"):
-        register_neighbour("torch.nn.ReLU")(_toy_handler)
+@pytest.mark.parametrize("bad", ["ReLU", 42, int])
+def test_register_neighbour_refuses_what_is_not_a_module_type_or_a_qualified_name(bad):
+    with pytest.raises(TypeError, match="nn.Module subclass or its qualified name"):
+        register_neighbour(bad)(_toy_handler)
+
+
+def test_a_neighbour_type_registered_by_qualified_name_is_matched_by_it(monkeypatch):
+    from actcomp.policies import base as registry
+
+    monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))
+    monkeypatch.setattr(registry, "_RESOLVED", {})
+    Named = type("Named", (nn.Module,), {"__module__": "somepkg.acts", "forward": lambda self, x: x})
+    assert registry.neighbour_registration(Named) is None
+    register_neighbour("somepkg.acts.Named")(_toy_handler)
+    assert registry.neighbour_handler(Named) is _toy_handler
+    assert "somepkg.acts.Named" in registry.registered_neighbours()
