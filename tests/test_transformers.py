@@ -225,3 +225,12 @@ def test_llama_batches_as_users_hold_them():
     actcomp.compress(model, "last:2", sample={"input_ids": ids}, eps=0.9)
     assert list(actcomp.compressed_layers(model)) == ["model.layers.1.mlp.down_proj", "lm_head"]
     assert actcomp.measure(model, {"input_ids": ids, "labels": ids}).saved_bytes < report.saved_bytes
+
+
+def test_plan_takes_dict_batches_whose_output_carries_the_loss():
+    torch.manual_seed(0)
+    model, ids = llama()
+    batch = {"input_ids": ids, "labels": ids}
+    chosen = actcomp.plan(model, [batch], budget="1MiB", candidates="last:2", eps_grid=(0.5, 0.9))
+    assert [c.name for c in chosen.trained] == ["model.layers.1.mlp.down_proj", "lm_head"]
+    assert actcomp.compressed_layers(model) == {}  # plan leaves the model as it is

@@ -280,8 +280,28 @@ def neighbour_states(model: nn.Module) -> dict[str, NeighbourState]:
 
 
 def _unswap(module: nn.Module) -> None:
-    module.__class__ = type(module)._actcomp_base
+    cls = type(module)
+    base = cls._actcomp_base
+    module.__class__ = base if cls is compressed_class(base) else _unstacked(cls, base)
     del module.__dict__[_STATE]
+
+
+_UNSTACKED: dict[type, type] = {}
+
+
+def _unstacked(cls: type, base: type[nn.Module]) -> type:
+    """``cls``, a class another library stacked on a compressed class after compress (FSDP2's
+    ``fully_shard`` makes ``FSDP<Class>(FSDPModule, <Class>)`` of the module's class), rebuilt
+    on ``base`` instead of the compressed class: restore keeps what was stacked on top."""
+    found = _UNSTACKED.get(cls)
+    if found is None:
+        compressed = compressed_class(base)
+        bases = tuple(base if b is compressed else b for b in cls.__bases__)
+        if bases == cls.__bases__:  # stacked deeper than one level: rebuild the level below first
+            bases = tuple(_unstacked(b, base) if issubclass(b, compressed) else b for b in cls.__bases__)
+        namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        found = _UNSTACKED[cls] = type(cls.__name__, bases, namespace)
+    return found
 
 
 def restore(model: nn.Module) -> nn.Module:
