@@ -196,3 +196,17 @@ def test_accelerator_path_reports_non_finite_input(monkeypatch):
     bad[0, 0, 0, 0] = float("inf")
     with pytest.raises(NonFiniteActivationError):  # seen in the sample modes' Gram matrix, read on the host
         projected_tucker(bad, 0.8, state, check_every=2)
+
+
+@pytest.mark.parametrize("shape,mode", [((2, 3, 4, 1), 2), ((5, 3, 1, 1), 1), ((2, 3, 4), 2), ((70, 3, 4, 5), 2)])
+def test_unfolding_projects_a_mode_followed_by_size_one_modes(shape, mode):
+    """A basis of rank 1 leaves a mode of size 1 behind: the mode before it is then last in
+    memory though not last in the shape."""
+    from actcomp.linalg.factors import mode_product
+    from actcomp.linalg.numerics import Unfolding
+
+    y = torch.randn(*shape, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(shape[mode], 2, dtype=torch.float64)).Q
+    out, axes = Unfolding(y, list(range(len(shape))), mode).project(u)
+    assert torch.equal(torch.tensor(out.shape)[torch.tensor(axes).argsort()], torch.tensor(mode_product(y, u.T, mode).shape))
+    assert rel_err(out.permute(*torch.tensor(axes).argsort().tolist()), mode_product(y, u.T, mode)) < 1e-14
