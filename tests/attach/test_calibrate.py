@@ -124,3 +124,21 @@ def test_plan_and_fit_choose_oneshot():
     )
     assert step.report.chosen.compression.method == "oneshot"
     assert {c.method for c in actcomp.compressed_layers(model).values()} == {"oneshot"}
+
+
+def test_token_inputs_fix_the_feature_mode_only():
+    torch.manual_seed(0)
+    model = actcomp.compress(
+        nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).double(), config=actcomp.CompressionConfig("oneshot", 0.9, tolerance=0.3)
+    )
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(3, 8, generator=g, dtype=torch.float64)  # features in a fixed 3-dimensional subspace
+    data = [torch.randn(2, 5, 3, generator=g, dtype=torch.float64) @ mixing for _ in range(4)]
+    ranks = actcomp.calibrate(model, data[:3])
+    assert set(ranks) == {"0", "2"} and all(len(r) == 1 for r in ranks.values())  # (batch, tokens) are sample modes
+    assert ranks["0"][0] <= 3
+    model(data[3]).sum().backward()
+    for name in ("0", "2"):
+        state = actcomp.layer_state(model[int(name)]).method_state
+        assert sorted(state.bases) == [2] and state.steps == 1
+    assert actcomp.layer_state(model[0]).method_state.refreshes == 1  # the subspace held: projected only
