@@ -84,7 +84,7 @@ def _demo_vit(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from actcomp.app.demo import format_table, rows_as_dicts, run_demo
+    from actcomp.app.demo import check_layers, format_table, rows_as_dicts, run_demo
     from actcomp.app.plots import plot_demo
 
     if args.model == "vit":
@@ -106,6 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise ValueError("--fit sets the budget of the every-layer fit run, which --no-every skips")
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
+    check_layers(args.layers)
     _check_training_numbers(args)
     out = check_output_dir(args.out)
     rows, chosen = run_demo(
@@ -123,10 +124,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check_training_numbers(args: argparse.Namespace) -> None:
+    from actcomp.app.finetune import check_seed
+
     for name in ("epochs", "pretrain_epochs", "batch_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed)
 
 
 def _method_setting_options() -> dict[str, tuple[Setting, tuple[str, ...]]]:
@@ -161,8 +166,10 @@ def _finetune_config(args: argparse.Namespace):
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from actcomp.app.finetune import run_finetune
+    from actcomp.app.finetune import resumed_epochs, run_finetune
 
+    if args.epochs is None:  # --resume without --epochs finishes the run as it was started
+        args.epochs = (resumed_epochs(args.out) if args.resume else None) or 5
     config = _finetune_config(args)
     metrics = run_finetune(
         config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, device=args.torch_device
@@ -179,14 +186,15 @@ def _finetune(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from actcomp.app.finetune import load_data, prepare
+    from actcomp.app.finetune import explain_model_errors, load_data, prepare
     from actcomp.memory import measure
 
     config = _finetune_config(args)
     data = load_data(config.data, config.size, config.seed)
     model, _ = prepare(config, data, args.torch_device)
     x, y = data.train_x[: config.batch_size].to(args.torch_device), data.train_y[: config.batch_size].to(args.torch_device)
-    report = measure(model, x, y, nn.functional.cross_entropy)
+    with explain_model_errors(config):
+        report = measure(model, x, y, nn.functional.cross_entropy)
     print(report.to_json() if args.json else report)
     return 0
 
@@ -217,11 +225,12 @@ def _compare_peft(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-layers must be at least 1, got {args.max_layers}")
     if args.reflections < 2 or args.reflections % 2:
         raise ValueError(f"--reflections must be a positive even number (they start in equal pairs), got {args.reflections}")
+    _check_compare_numbers(args)
+    out = check_output_dir(args.out)
     points = run_peft_compare(
         max_layers=args.max_layers, reflections=args.reflections, eps=args.eps, lr=args.lr, pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
     )
-    out = Path(args.out)
     print(format_peft_table(points))
     title = "SVD-parametrised vs plain fine-tuning (labels: layers fine-tuned)"
     print(f"wrote {write_csv(points, out / 'peft.csv')}, {plot_compare(points, out / 'peft.png', title)}")
@@ -230,18 +239,31 @@ def _compare_peft(args: argparse.Namespace) -> int:
 
 def _compare_optimizers(args: argparse.Namespace) -> int:
     from actcomp.app.compare import write_csv
-    from actcomp.app.optim_compare import format_points, run_optimizer_compare
+    from actcomp.app.optim_compare import check_optimizer_names, format_points, run_optimizer_compare
 
     names = tuple(n.strip() for n in args.optimizers.split(","))
     check_eps(args.eps)
+    check_optimizer_names(names)
+    if args.max_layers < 1:
+        raise ValueError(f"--max-layers must be at least 1, got {args.max_layers}")
+    _check_compare_numbers(args)
+    out = check_output_dir(args.out)
     points = run_optimizer_compare(
         optimizers=names, layers=args.max_layers, eps=args.eps, pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
     )
     print(f"Optimizers on the last {args.max_layers} layers, hosvd eps {args.eps:g} (same activation memory for all)")
     print(format_points(points))
-    print(f"wrote {write_csv(points, Path(args.out) / 'optimizers.csv')}")
+    print(f"wrote {write_csv(points, out / 'optimizers.csv')}")
     return 0
+
+
+def _check_compare_numbers(args: argparse.Namespace) -> None:
+    """Epochs, batch size, seed and --max-layers of a comparison, before any training."""
+    from actcomp.app.demo import check_layers
+
+    _check_training_numbers(args)
+    check_layers(args.max_layers, "--max-layers")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -262,7 +284,7 @@ def _compare(args: argparse.Namespace) -> int:
     variants(methods, args.eps, patches)  # bad methods and settings fail here, before any training
     if args.max_layers < 1:
         raise ValueError(f"--max-layers must be at least 1, got {args.max_layers}")
-    _check_training_numbers(args)
+    _check_compare_numbers(args)
     out = check_output_dir(args.out)
     points = run_compare(
         methods=methods, max_layers=args.max_layers, eps=args.eps, patches=patches, pretrain_epochs=args.pretrain_epochs,
@@ -280,8 +302,9 @@ def _export(args: argparse.Namespace) -> int:
 
     from actcomp.devices import load_device
     from actcomp.export import export_bundle, graph_memory_plan, onnx_inference
-    from actcomp.core.files import atomic_write_text
-    from actcomp.app.finetune import build_model, load_data, load_weights, selector
+    from actcomp.export.bundle import check_bundle_dir
+    from actcomp.core.files import DirectoryLock, atomic_write_text
+    from actcomp.app.finetune import build_model, check_seed, check_size, load_data, load_weights, selector
 
     _resolve_devices(args, cpu_only=True)
     if args.target is not None:
@@ -289,6 +312,8 @@ def _export(args: argparse.Namespace) -> int:
     for name in ("batch_size", "size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_size(args.size)
+    check_seed(args.seed)
     if args.step:
         from actcomp.export.bundle import check_step_settings
 
@@ -297,15 +322,20 @@ def _export(args: argparse.Namespace) -> int:
     if args.weights and not Path(args.weights).is_file():
         raise ValueError(f"weights file '{args.weights}' does not exist")
     out = check_output_dir(args.out)
+    if args.step:
+        check_bundle_dir(out, overwrite=args.overwrite)  # a trained bundle or other files there fail here, before the export
+    elif (out / "manifest.json").exists():
+        raise ValueError(f"--out '{out}' holds a fine-tuning bundle; write the inference graph to another directory")
     data = load_data(args.data, args.size, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.num_classes, data.in_channels)
     if args.weights:
         load_weights(model, args.weights)
     if not args.step:
-        result = onnx_inference(model, data.train_x[: args.batch_size], out / "model.onnx")
-        plan = graph_memory_plan(result.path)
-        atomic_write_text(out / "memory_plan.json", plan.to_json())
+        with DirectoryLock(out, "--out"):
+            result = onnx_inference(model, data.train_x[: args.batch_size], out / "model.onnx")
+            plan = graph_memory_plan(result.path)
+            atomic_write_text(out / "memory_plan.json", plan.to_json())
         print(f"wrote {result.path} ({result.size_bytes} bytes; onnxruntime vs eager max abs error {result.max_abs_error:.2g})")
         print(plan)
         if args.target:
@@ -327,7 +357,7 @@ def _export(args: argparse.Namespace) -> int:
     batch = (data.train_x[: args.batch_size], data.train_y[: args.batch_size])
     manifest = export_bundle(
         model, batch, out, data=(data.train_x, data.train_y), device=args.target,
-        max_rank=args.max_rank, eps=args.eps, momentum=args.momentum, lr=args.lr,
+        max_rank=args.max_rank, eps=args.eps, momentum=args.momentum, lr=args.lr, overwrite=args.overwrite,
     )
     print(f"wrote the bundle to {out}: step.onnx ({manifest['step_bytes']} bytes), model.onnx, state.npz, initial_state.npz, data.npz, manifest.json, runner.py")
     print(f"step verified against eager PyTorch: max abs error {manifest['verified_max_abs_error']:.2g}")
@@ -374,7 +404,7 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     if training:
-        p.add_argument("--epochs", type=int, default=5)
+        p.add_argument("--epochs", type=int, default=None, help="epochs (default 5; with --resume, the run's own)")
         p.add_argument("--lr", type=float, default=3e-3)
         p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZER_NAMES),
                        help="sgd (momentum 0), momentum (0.9), adam; singd and hylo build their curvature from the stored factors (see README)")
@@ -481,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", metavar="PROFILE", help="also check the memory plan against a device profile")
     _add_device_option(export, cpu_only=True)
     export.add_argument("--out", default="actcomp-export", help="output directory")
+    export.add_argument("--overwrite", action="store_true", help="--step: replace a bundle whose runner has trained (its state.npz is lost)")
     export.set_defaults(run=_export)
 
     devices = sub.add_parser("devices", help="list the device profiles (RAM, flash, budget, peak compute)")

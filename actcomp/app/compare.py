@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from actcomp.core.config import CompressionConfig
+from actcomp.core.files import atomic_write_text
 from actcomp.app.demo import Task, accuracy, finetune_copy, last_layers, make_task, train as train_model
 from actcomp.attach import compress, select_layers, stats
 from actcomp.methods import method_class
@@ -83,11 +85,11 @@ def write_csv(points: Sequence[Any], path: str | Path) -> Path:
     per field, the header from the first record's fields."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
-        writer.writeheader()
-        writer.writerows(asdict(p) for p in points)
-    return path
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(asdict(points[0])))
+    writer.writeheader()
+    writer.writerows(asdict(p) for p in points)
+    return atomic_write_text(path, table.getvalue())
 
 
 @dataclass(frozen=True)

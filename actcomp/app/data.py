@@ -4,6 +4,7 @@ directories, checked so that a bad file or a one-class folder is an error naming
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,18 +39,22 @@ def split(images: Tensor, labels: Tensor, test_fraction: float, seed: int) -> tu
     return images[train], labels[train], images[test], labels[test]
 
 
-def image_folder(path: str | Path, size: int) -> tuple[Tensor, Tensor, list[str]]:
+def image_folder(path: str | Path, size: int, check: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor, list[str]]:
     """An ImageFolder directory (one sub-directory per class, named by it) as tensors.
 
     Returns images (N, C, size, size) in [0, 1] (resized, ``ToTensor``), labels (N,) in
     0..K-1 following the sorted class names, and the K class names. Raises ValueError naming
     the directory when it is missing, has fewer than two classes (a one-class classifier is
     always right and learns nothing) or holds no images, and naming the file when an image
-    cannot be decoded.
+    cannot be decoded or is a decompression bomb (more pixels than PIL's ``MAX_IMAGE_PIXELS``
+    allows). ``check(number of images)`` runs before any image is decoded (a size check).
     """
+    from PIL import Image
     from torchvision import datasets, transforms
 
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"data '{path}' is a file, not a directory; give 'digits' or an ImageFolder directory (one sub-directory of images per class)")
     if not path.is_dir():
         raise ValueError(f"data directory '{path}' does not exist (use 'digits' or an ImageFolder directory)")
     try:
@@ -63,10 +68,14 @@ def image_folder(path: str | Path, size: int) -> tuple[Tensor, Tensor, list[str]
         )
     if len(folder) == 0:
         raise ValueError(f"data directory '{path}' holds no images")
+    if check is not None:
+        check(len(folder))
     images = []
     for i, (file, _) in enumerate(folder.samples):
         try:
             images.append(folder[i][0])
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"image file '{file}' refused: {error}") from None
         except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated files
             raise ValueError(f"image file '{file}' cannot be read ({type(error).__name__}: {error})") from None
     return torch.stack(images), torch.tensor(folder.targets), list(folder.classes)

@@ -117,6 +117,14 @@ def make_task(
     return Task(base, train_x, train_y, test_x, test_y, device)
 
 
+def check_layers(count: int, option: str = "--layers") -> None:
+    """ValueError unless the demo's model has ``count`` (>= 1) Conv/Linear layers to fine-tune;
+    checked on a fresh model, before any pretraining."""
+    available = len(select_layers(TinyMobileNet(num_classes=5), "all"))
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= available:
+        raise ValueError(f"{option} must be a whole number in 1..{available} (the demo's model has {available} Conv/Linear layers), got {count!r}")
+
+
 def last_layers(task: Task, count: int) -> list[str]:
     return select_layers(task.base, f"last:{count}", sample=task.train_x[:1].to(task.device))
 

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -30,7 +31,7 @@ from actcomp.methods import method_class, method_names
 from actcomp.optim.factory import OPTIMIZER_NAMES, make_optimizer
 from actcomp.app.data import digits, image_folder, split
 from actcomp.app.files import check_output_dir
-from actcomp.core.files import atomic_torch_save, atomic_write_text, load_plain, temporary_path
+from actcomp.core.files import DirectoryLock, atomic_torch_save, atomic_write_text, load_plain, temporaries
 from actcomp.attach import compress, layer_state, select_layers, stats
 from actcomp.memory import count_saved
 from actcomp.memory.plan import Plan, parse_bytes, plan
@@ -56,7 +57,11 @@ def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     available = set(torchvision.models.list_models(module=torchvision.models))
     if name not in available:
         raise ValueError(f"unknown model {name!r}; built-in: {', '.join(BUILTIN_MODELS)}; or a torchvision classifier such as mobilenet_v2, resnet18")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    # googlenet and inception_v3 return their auxiliary heads' outputs too in training: the
+    # loss takes the main output, so they are built without (and with the initialisation
+    # chosen, which they otherwise warn about)
+    options = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
     if in_channels == 1:
         return nn.Sequential(_Repeat3(), model)
     return model
@@ -80,14 +85,38 @@ class Dataset:
         return int(self.train_x.shape[1])
 
 
+DIGITS_5_TO_9 = 896  # images of scikit-learn's digits 5-9
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_fits_in_memory(count: int, channels: int, size: int, what: str) -> None:
+    """ValueError, before any image is decoded, when ``count`` images of ``size`` x ``size``
+    (float32) would not fit in this machine's memory."""
+    needed, available = count * channels * size * size * 4, _memory_bytes()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"--size {size}: {what} would take {needed / 2**30:.1f} GiB as float32 tensors, more than this machine's "
+            f"{available / 2**30:.1f} GiB of memory; give a smaller --size"
+        )
+
+
 def load_data(data: str, size: int = 32, seed: int = 0) -> Dataset:
     """``"digits"``: scikit-learn's digits 5-9 (the new task after pretraining on 0-4), or the
     path of an ImageFolder directory (one sub-directory per class), resized to size x size;
     70/30 seeded train/test split."""
+    check_size(size)
     if data == "digits":
+        _check_fits_in_memory(DIGITS_5_TO_9, 1, size, "the digits")
         images, labels = digits(classes=(5, 6, 7, 8, 9), size=size)
         return Dataset(*split(images, labels, 0.3, seed), num_classes=5)
-    images, labels, classes = image_folder(data, size)
+    images, labels, classes = image_folder(data, size, check=lambda n: _check_fits_in_memory(n, 3, size, f"the {n} images of '{data}'"))
     return Dataset(*split(images, labels, 0.3, seed), num_classes=len(classes))
 
 
@@ -127,6 +156,11 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_size(self.size)
+        check_seed(self.seed)
+        smallest = MIN_SIZE.get(self.model)
+        if smallest is not None and self.size < smallest:
+            raise ValueError(f"model {self.model!r} takes images of at least {smallest}x{smallest} pixels; give --size {smallest} or more")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.budget is not None and self.target is not None:
@@ -173,6 +207,24 @@ class FinetuneConfig:
         if unknown:
             raise ValueError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}")
         return FinetuneConfig(**data, method_settings=settings)
+
+
+MAX_SIZE = 4096  # image side in pixels: beyond it the data of any real data set outgrows a machine
+MAX_SEED = 2**32 - 1
+MIN_SIZE = {"inception_v3": 75}  # torchvision models whose convolutions need larger images than --size's default
+
+
+def check_size(size: int, option: str = "--size") -> None:
+    """ValueError unless ``size`` is a whole number of pixels in 1..MAX_SIZE."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
+        raise ValueError(f"{option} must be a whole number of pixels in 1..{MAX_SIZE}, got {size!r}")
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """ValueError unless ``seed`` is a whole number in 0..2**32-1 (every seed derived from it
+    then fits torch's 64-bit generators)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{option} must be a whole number in 0..{MAX_SEED}, got {seed!r}")
 
 
 def parse_budget(budget: int | float | str) -> int:
@@ -239,15 +291,16 @@ def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | 
         load_weights(model, config.weights)
     model.to(device)
     sample = data.train_x[:1].to(device)
-    model(sample)  # materialise lazy modules
+    _probe(model, sample, config)  # materialise lazy modules; a model that cannot take the inputs fails here
     names = select_layers(model, selector(config.layers), sample=sample)
     chosen: Plan | None = None
     if config.budget is not None or config.target is not None:
         calib = [(data.train_x[: config.batch_size].to(device), data.train_y[: config.batch_size].to(device))]
-        chosen = plan(
-            model, calib, budget=config.budget, device=config.target, candidates=names,
-            method=config.method, loss_fn=nn.functional.cross_entropy,
-        )
+        with explain_model_errors(config):
+            chosen = plan(
+                model, calib, budget=config.budget, device=config.target, candidates=names,
+                method=config.method, loss_fn=nn.functional.cross_entropy,
+            )
         chosen.apply(model)
         return model, chosen
     model.requires_grad_(False)
@@ -256,6 +309,63 @@ def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | 
         modules[name].requires_grad_(True)
     compress(model, names, config=config.compression_config())
     return model, None
+
+
+def _probe(model: nn.Module, sample: Tensor, config: FinetuneConfig) -> None:
+    """One forward of one sample in eval mode without gradients: lazy modules take their
+    shapes, and nothing is learnt (BatchNorm in training could not normalise one sample of a 1x1
+    map, and its running statistics are left alone). A model that cannot take inputs of this
+    size raises ValueError naming the model and --size."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"model {config.model!r} cannot run on inputs of shape {tuple(sample.shape[1:])} (--size {config.size}): "
+            f"{_first_line(error)}; give a larger --size"
+        ) from None
+    finally:
+        model.train(training)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class explain_model_errors:
+    """Turn torch's BatchNorm error for a batch of one sample on a 1x1 map ("Expected more
+    than 1 value per channel when training") into one naming the settings that cause it."""
+
+    def __init__(self, config: FinetuneConfig) -> None:
+        self.config = config
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> bool:
+        if isinstance(error, ValueError) and "Expected more than 1 value per channel" in str(error):
+            c = self.config
+            raise ValueError(
+                f"model {c.model!r} at --size {c.size}: a BatchNorm layer sees one value per channel (a 1x1 map of one "
+                f"sample), which it cannot normalise in training; give --batch-size 2 or more (now {c.batch_size}) "
+                "or a larger --size"
+            ) from None
+        return False
+
+
+def batch_starts(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of an epoch over ``n`` samples; a last batch of one sample
+    is joined to the one before (BatchNorm in training cannot normalise a single sample of a
+    1x1 map, as torchvision models have at small sizes)."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 def _layer_states(model: nn.Module) -> dict[str, dict]:
@@ -305,13 +415,25 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
         missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
         raise ValueError(f"checkpoint '{path}' is not an actcomp finetune checkpoint (missing {', '.join(missing)})")
-    if not (isinstance(state["epoch"], int) and isinstance(state["metrics"], list) and isinstance(state["rng"], Tensor)):
+    epoch = state["epoch"]
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and isinstance(state["metrics"], list) and isinstance(state["rng"], Tensor)):
         raise ValueError(f"checkpoint '{path}' is not an actcomp finetune checkpoint (epoch, metrics or rng of the wrong type)")
+    if epoch < 1 or len(state["metrics"]) != epoch:
+        raise ValueError(f"checkpoint '{path}' is damaged: it is at epoch {epoch} with {len(state['metrics'])} epoch(s) of metrics")
     return state
 
 
 def _existing_run(out: Path) -> list[str]:
-    return [name for name in (*RUN_FILES, temporary_path("checkpoint.pt").name) if (out / name).exists()]
+    return [name for name in RUN_FILES if (out / name).exists()] + [p.name for p in temporaries(out / "checkpoint.pt")]
+
+
+def resumed_epochs(out_dir: str | Path) -> int | None:
+    """The epochs of the run stored in ``out_dir`` (its config.json), None when there is none
+    readable: ``--resume`` without ``--epochs`` finishes the run as it was started."""
+    try:
+        return int(json.loads((Path(out_dir) / "config.json").read_text())["epochs"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_finetune(
@@ -333,7 +455,11 @@ def run_finetune(
     from a generator seeded by (seed, epoch) and every piece of state is restored, so the final
     weights equal those of an uninterrupted run with the same seed on the same device. A
     directory that already holds a run is refused unless ``resume`` or ``overwrite`` (which
-    deletes that run's files once the new run is ready to start) is given. The settings and the
+    deletes that run's files once the new run is ready to start) is given. One process writes a
+    run directory at a time: it is claimed with a lock file (:class:`actcomp.core.files.DirectoryLock`)
+    before anything in it is checked, and a second writer is refused naming the holder (a lock
+    left by a killed run is taken over). On resume, ``config.epochs`` may differ from the
+    stored run's (config.json is updated); a checkpoint beyond it is refused. The settings and the
     output directory are checked before any training. Every file is replaced atomically.
     ``after_epoch`` is called with the epoch number after each checkpoint (tests use it to
     interrupt a run).
@@ -343,7 +469,21 @@ def run_finetune(
     if resume and overwrite:
         raise ValueError("give --resume or --overwrite, not both")
     out = check_output_dir(out_dir)
+    with DirectoryLock(out, "run directory", hint="wait for that run to finish, or give another --out"):
+        return _run_locked(config, out, resume, overwrite, progress, after_epoch, device)
+
+
+def _run_locked(
+    config: FinetuneConfig, out: Path, resume: bool, overwrite: bool, progress: bool,
+    after_epoch: Callable[[int], None] | None, device: torch.device,
+) -> list[dict]:
+    """:func:`run_finetune` in ``out``, which this process holds (:class:`DirectoryLock`): no
+    other writer can check, write or delete a file there meanwhile, and any temporary file
+    there is one a killed writer left."""
     checkpoint_path = out / "checkpoint.pt"
+    for name in RUN_FILES:  # left by a killed writer (this process holds the directory)
+        for leftover in temporaries(out / name):
+            leftover.unlink(missing_ok=True)
     existing = _existing_run(out)
     checkpoint: dict | None = None
     if resume:
@@ -356,6 +496,11 @@ def run_finetune(
             if changed != ["epochs"]:
                 raise ValueError(f"cannot resume with different settings: {', '.join(changed)} differ from {out / 'config.json'}")
         checkpoint = load_checkpoint(checkpoint_path, device)
+        if checkpoint["epoch"] > config.epochs:
+            raise ValueError(
+                f"checkpoint '{checkpoint_path}' is at epoch {checkpoint['epoch']}, beyond the run's {config.epochs} epochs; "
+                f"give --epochs {checkpoint['epoch']} or more"
+            )
     elif existing and not overwrite:
         raise ValueError(
             f"'{out}' already holds a run ({', '.join(existing)}); give --resume to continue it, "
@@ -377,6 +522,8 @@ def run_finetune(
             raise ValueError(f"checkpoint '{checkpoint_path}' does not fit this run ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})") from None
         _restore_layers(model, checkpoint["layers"], checkpoint_path)
         metrics, start_epoch = list(checkpoint["metrics"]), int(checkpoint["epoch"])
+        if _stored_config(out).epochs != config.epochs:  # config.json says what the run now is
+            atomic_write_text(out / "config.json", json.dumps(config.as_dict(), indent=2))
     else:
         for name in existing:  # only with overwrite=True: the old run goes once the new one is ready
             (out / name).unlink()
@@ -390,18 +537,19 @@ def run_finetune(
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=generator)
         losses, step_ms, saved_bytes = [], [], 0
-        batches = range(0, n, config.batch_size)
-        for i, start in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress)):
-            index = order[start : start + config.batch_size]
+        batches = batch_starts(n, config.batch_size)
+        for i, (start, stop) in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress)):
+            index = order[start:stop]
             xb, yb = data.train_x[index].to(device), data.train_y[index].to(device)
             begin = time.perf_counter()
             optimizer.zero_grad()
-            if i == 0:  # measure what autograd keeps on the epoch's first step
-                with count_saved(model) as saved:
+            with explain_model_errors(config):
+                if i == 0:  # measure what autograd keeps on the epoch's first step
+                    with count_saved(model) as saved:
+                        loss = loss_fn(model(xb), yb)
+                    saved_bytes = saved.saved_bytes
+                else:
                     loss = loss_fn(model(xb), yb)
-                saved_bytes = saved.saved_bytes
-            else:
-                loss = loss_fn(model(xb), yb)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())  # the host sync ends the step on an asynchronous device

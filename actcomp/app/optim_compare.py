@@ -123,6 +123,18 @@ def finetune_with(
     return model, point
 
 
+def check_optimizer_names(optimizers: tuple[str, ...]) -> None:
+    """ValueError for an unknown optimizer, or singd without its package (before any training)."""
+    for name in optimizers:
+        if name not in DEFAULT_LR:
+            raise ValueError(f"unknown optimizer {name!r}; one of {', '.join(DEFAULT_LR)}")
+    if "singd" in optimizers:
+        try:
+            from actcomp.optim import SINGD  # noqa: F401
+        except ImportError as error:  # before any training: the command line's one-line error
+            raise ValueError(str(error)) from None
+
+
 def run_optimizer_compare(
     optimizers: tuple[str, ...] = OPTIMIZERS,
     layers: int = 4,
@@ -140,14 +152,7 @@ def run_optimizer_compare(
     from actcomp.app.demo import last_layers, make_task
 
     config = CompressionConfig(method, eps)
-    for name in optimizers:
-        if name not in DEFAULT_LR:
-            raise ValueError(f"unknown optimizer {name!r}; one of {', '.join(DEFAULT_LR)}")
-    if "singd" in optimizers:
-        try:
-            from actcomp.optim import SINGD  # noqa: F401
-        except ImportError as error:  # before any training: the command line's one-line error
-            raise ValueError(str(error)) from None
+    check_optimizer_names(optimizers)
     rates = {**DEFAULT_LR, **(lrs or {})}
     task = make_task(pretrain_epochs, batch_size, seed, progress)
     names = last_layers(task, layers)

@@ -10,10 +10,21 @@ from torch import Tensor
 
 
 def strip_metadata(path: Path) -> None:
-    """Remove producer, doc strings and metadata properties from an ONNX file; check it."""
+    """Remove producer, doc strings and metadata properties from an ONNX file; check it. The
+    graph is saved as one file: tensors the exporter put in external data files (``NAME.data``,
+    written even when empty) are taken in, and those files removed (none is left unreferenced)."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    external = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    load_external_data_for_model(model, str(path.parent))
     model.producer_name = model.producer_version = model.doc_string = ""
     del model.metadata_props[:]
     for node in model.graph.node:
@@ -24,6 +35,9 @@ def strip_metadata(path: Path) -> None:
         del value.metadata_props[:]
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+    for name in external | {path.name + ".data"}:
+        if name != path.name and Path(name).name == name:  # a file beside the graph, never one elsewhere
+            (path.parent / name).unlink(missing_ok=True)
 
 
 def check_against_eager(path: Path, args: Sequence[Tensor], expected: Sequence[Tensor], tolerance: float, what: str) -> tuple[float, float]:

@@ -1,18 +1,21 @@
 """The bundle's runner: checked input, atomic state writes that survive SIGKILL, no torch needed."""
 
 import importlib.util
+import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import sigkill_when_blocked
 from torch import nn
 
 from actcomp.app.data import digits
 from actcomp.export import export_bundle
-from conftest import sigkill_when_blocked
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -65,7 +68,7 @@ def test_runner_trains_under_an_import_blocker_and_keeps_the_initial_state(bundl
     losses = [float(line.split()[-1]) for line in out.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 6 and np.isfinite(losses).all()
     assert (bundle / "initial_state.npz").read_bytes() == initial != (bundle / "state.npz").read_bytes()
-    assert not (bundle / "state.npz.tmp").exists()
+    assert not leftovers(bundle)
     # The same six steps in this process (torch imported) give the same state.
     twin = tmp_path / "twin"
     shutil.copytree(bundle, twin)
@@ -78,10 +81,15 @@ def test_runner_trains_under_an_import_blocker_and_keeps_the_initial_state(bundl
     assert blocked.returncode != 0 and "torch is blocked" in blocked.stderr
 
 
-# The child (under the blocker) blocks inside the write of state.npz.tmp (half of the bytes
-# written, or all written and being flushed) and says so; the parent then SIGKILLs it.
+def leftovers(bundle):
+    """Temporary files and the lock in the bundle (none once a runner has finished)."""
+    return sorted(p.name for p in bundle.iterdir() if p.name.endswith(".tmp") or p.name == ".actcomp.lock")
+
+
+# The child (under the blocker) blocks inside the write of its temporary state file (half of
+# the bytes written, or all written and being flushed) and says so; the parent then SIGKILLs it.
 KILLED_RUNNER = BLOCKER + """
-import os, runpy, time
+import os, re, runpy, time
 where, runner = sys.argv[1], sys.argv[2]
 paths = {}
 real_open, real_write, real_fsync = os.open, os.write, os.fsync
@@ -90,7 +98,7 @@ def tracked_open(path, flags, *args, **kwargs):
     paths[fd] = str(path)
     return fd
 def block(fd, data=b""):
-    if paths.get(fd, "").endswith("state.npz.tmp"):
+    if re.fullmatch(r"state[.]npz[.][0-9]+[.][0-9a-f]+[.]tmp", os.path.basename(paths.get(fd, ""))):
         if data:
             real_write(fd, bytes(data[: len(data) // 2]))
         print("BLOCKED", flush=True)
@@ -104,7 +112,7 @@ def fsync(fd):
         block(fd)
     return real_fsync(fd)
 os.open, os.write, os.fsync = tracked_open, write, fsync
-sys.argv = [runner, "--steps", "3"]
+sys.argv = [runner, "--steps", "3", *sys.argv[3:]]
 runpy.run_path(runner, run_name="__main__")
 """
 
@@ -113,13 +121,14 @@ runpy.run_path(runner, run_name="__main__")
 def test_sigkill_during_the_state_write_leaves_the_old_state(bundle, where):
     before = (bundle / "state.npz").read_bytes()
     sigkill_when_blocked([sys.executable, "-c", KILLED_RUNNER, where, str(bundle / "runner.py")], bundle)
-    assert (bundle / "state.npz.tmp").exists()  # the write really was under way
+    left = leftovers(bundle)
+    assert len(left) == 2 and left[0] == ".actcomp.lock" and left[1].startswith("state.npz.")  # the write really was under way
     assert (bundle / "state.npz").read_bytes() == before
     with np.load(bundle / "state.npz") as state:
         assert all(np.isfinite(state[k]).all() for k in state.files)
-    # The leftover temporary file does not stand in the way of the next run.
+    # The leftover temporary file and the dead runner's lock do not stand in the way of the next run.
     assert run_main(bundle, "--steps", "2") == 0
-    assert (bundle / "state.npz").read_bytes() != before and not (bundle / "state.npz.tmp").exists()
+    assert (bundle / "state.npz").read_bytes() != before and not leftovers(bundle)
 
 
 def data_file(bundle, tmp_path, edit):
@@ -185,6 +194,12 @@ def test_divergence_saves_nothing(bundle, capsys):
     err = capsys.readouterr().err
     assert "produced NaN or Inf" in err and "nothing was saved" in err and err.count("\n") == 1
     assert (bundle / "state.npz").read_bytes() == before
+    # A loss that stays finite but grows beyond 1e6 times the first step's is a diverged run too
+    # (issue 22, item 7: lr 1e10 took it to 1e16 and the state was saved).
+    assert run_main(bundle, "--lr", "1e10", "--steps", "5") == 1
+    err = capsys.readouterr().err
+    assert re.search(r"step \d: the loss \S+ exceeds 1e\+06 times the first step's \(\S+\); the run diverged and nothing was saved", err), err
+    assert err.count("\n") == 1 and (bundle / "state.npz").read_bytes() == before and not leftovers(bundle)
 
 
 def test_a_state_with_pickled_objects_runs_nothing(bundle, tmp_path, capsys):
@@ -224,3 +239,124 @@ def test_export_bundle_checks_its_data_first(tmp_path, data, message):
     with pytest.raises(ValueError, match="lr must be a positive finite number"):
         export_bundle(model, (x, y), tmp_path / "b", lr=float("nan"))
     assert not (tmp_path / "b").exists()
+
+
+# --- One runner per bundle; --out never names the bundle's own files (issue 22, item 3). ---
+
+# The child runner holds the bundle and blocks before its first step (it says so).
+BLOCKED_RUNNER = BLOCKER + """
+import runpy, time
+import onnxruntime
+class Blocked:
+    def __init__(self, *args, **kwargs):
+        print("BLOCKED", flush=True)
+        time.sleep(600)
+onnxruntime.InferenceSession = Blocked
+sys.argv = [sys.argv[1], "--steps", "2", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_second_runner_is_refused_naming_the_first(bundle, tmp_path, capsys):
+    before = (bundle / "state.npz").read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", BLOCKED_RUNNER, str(bundle / "runner.py"), "--out", str(tmp_path / "mine.npz")],
+                             cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "BLOCKED", child.stderr.read()[-2000:]
+        for argv in ((), ("--out", tmp_path / "other.npz")):  # whatever it writes, the bundle is held
+            assert run_main(bundle, "--steps", "1", *argv) == 2
+            err = capsys.readouterr().err
+            assert re.search(rf"runner.py: error: bundle '.*' is in use by another writer: pid {child.pid} on \S+ since ", err), err
+            assert err.count("\n") == 1
+        with pytest.raises(ValueError, match=rf"bundle '.*' is in use by another writer: pid {child.pid}"):
+            export_bundle(*TINY_EXPORT, bundle, overwrite=True)  # nor may an export replace it meanwhile
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    assert (bundle / "state.npz").read_bytes() == before
+    assert run_main(bundle, "--steps", "1") == 0  # the dead runner's lock is taken over
+    assert not leftovers(bundle)
+
+
+TINY_EXPORT = (nn.Sequential(nn.Flatten(), nn.Linear(256, 5)), (torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "data.npz", "step.onnx", "model.onnx", "runner.py", ".actcomp.lock"])
+def test_out_may_not_name_a_file_of_the_bundle(bundle, capsys, monkeypatch, name):
+    monkeypatch.chdir(bundle)
+    files = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    assert run_main(bundle, "--steps", "1", "--out", name) == 2
+    err = capsys.readouterr().err
+    assert f"--out must not be the bundle's {name}" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == files
+    assert run_main(bundle, "--steps", "1", "--data", bundle / "data.npz", "--out", bundle / "data.npz") == 2
+    assert "--out must not be the bundle's data.npz" in capsys.readouterr().err
+
+
+def write_json(path, value):
+    path.write_text(json.dumps(value))
+
+
+def edit_manifest(key, value):
+    def edit(bundle):
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        if value is None:
+            del manifest[key]
+        else:
+            manifest[key] = value
+        write_json(bundle / "manifest.json", manifest)
+
+    return edit
+
+
+def truncate(name):
+    def edit(bundle):
+        data = (bundle / name).read_bytes()
+        (bundle / name).write_bytes(data[: len(data) // 2])
+
+    return edit
+
+
+def edit_state(change):
+    def edit(bundle):
+        with np.load(bundle / "state.npz") as state:
+            arrays = {k: state[k] for k in state.files}
+        change(arrays)
+        np.savez(bundle / "state.npz", **arrays)
+
+    return edit
+
+
+def first_weight(arrays):
+    return min(k for k in arrays if "weight" in k)
+
+
+DAMAGED = [
+    ("manifest {}", lambda b: write_json(b / "manifest.json", {}), "is damaged or not this bundle's manifest: 'step' is missing"),
+    ("manifest [1, 2]", lambda b: write_json(b / "manifest.json", [1, 2]), "is damaged or not this bundle's manifest: it holds a JSON list, not an object"),
+    ("manifest without state_inputs", edit_manifest("state_inputs", None), "'state_inputs' is missing"),
+    ("manifest batch_size text", edit_manifest("batch_size", "16"), "'batch_size' is not a whole number >= 1"),
+    ("manifest step outside", edit_manifest("step", "../step.onnx"), "'step' is not a file name in the bundle"),
+    ("manifest x_dtype object", edit_manifest("x_dtype", "object"), "'x_dtype' is not float16, float32 or float64"),
+    ("step.onnx truncated", truncate("step.onnx"), "step graph '.*step.onnx' is damaged or not an ONNX graph"),
+    ("step.onnx missing", lambda b: (b / "step.onnx").unlink(), "step graph '.*step.onnx' is missing; export the bundle again"),
+    ("step.onnx another graph", lambda b: shutil.copy(b / "model.onnx", b / "step.onnx"), "does not match .*manifest.json' \\(other inputs or outputs\\)"),
+    ("state of another shape", edit_state(lambda a: a.update({first_weight(a): a[first_weight(a)][:-1]})), "has shape .*, the step takes"),
+    ("state of another dtype", edit_state(lambda a: a.update({first_weight(a): a[first_weight(a)].astype(np.float64)})), "is float64, the step takes float32"),
+    ("state of strings", edit_state(lambda a: a.update({first_weight(a): np.array(["a"])})), "the step takes float32"),
+]
+
+
+@pytest.mark.parametrize("name, damage, message", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_a_damaged_bundle_is_one_line_and_exit_2(bundle, capsys, name, damage, message):
+    damage(bundle)
+    state = (bundle / "state.npz").read_bytes()
+    assert run_main(bundle, "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("runner.py: error: ") and re.search(message, err) and err.count("\n") == 1, err
+    assert "Traceback" not in err and (bundle / "state.npz").read_bytes() == state and not leftovers(bundle)
