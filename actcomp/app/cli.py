@@ -157,7 +157,9 @@ def _finetune_config(args: argparse.Namespace):
     _resolve_devices(args)
     config = FinetuneConfig(
         model=args.model, data=args.data, size=args.size, layers=args.layers, method=args.method, eps=args.eps,
-        method_settings=_given_method_settings(args), budget=args.budget, target=args.target, epochs=getattr(args, "epochs", 1),
+        method_settings=_given_method_settings(args), budget=args.budget, target=args.target, fit=args.fit,
+        freeze_batchnorm=args.freeze_batchnorm,
+        epochs=getattr(args, "epochs", 1),
         batch_size=args.batch_size, lr=getattr(args, "lr", 3e-3), optimizer=getattr(args, "optimizer", "adam"),
         seed=args.seed, weights=args.weights,
     )
@@ -203,16 +205,38 @@ def _plan(args: argparse.Namespace) -> int:
     from actcomp.app.finetune import load_data, prepare
 
     config = _finetune_config(args)
-    if args.budget is None and args.target is None:
-        raise ValueError("give --budget (e.g. 512KiB) or --target (a device profile, see 'actcomp devices')")
+    if args.budget is None and args.target is None and args.fit is None:
+        raise ValueError("give --budget (e.g. 512KiB), --target (a device profile, see 'actcomp devices') or --fit (a device total, e.g. 256MiB)")
     if args.out:
         check_output_file(args.out)
     data = load_data(config.data, config.size, config.seed)
-    _, chosen = prepare(config, data, args.torch_device)
+    model, chosen = prepare(config, data, args.torch_device)
+    if config.fit is not None:  # the levers for the whole step within the device total, measured; no update is taken
+        return _plan_fit(args, config, model, data)
     print(chosen)
     if args.out:
         chosen.save(args.out)
         print(f"wrote {args.out}")
+    return 0
+
+
+def _plan_fit(args: argparse.Namespace, config, model, data) -> int:
+    from torch import nn
+
+    from actcomp.app.finetune import explain_model_errors
+    from actcomp.core.files import atomic_write_text
+    from actcomp.memory.fit import fit
+    from actcomp.optim.factory import make_optimizer
+
+    optimizer = make_optimizer(config.optimizer, model, config.lr)
+    batch = data.train_x[: config.batch_size].to(args.torch_device), data.train_y[: config.batch_size].to(args.torch_device)
+    with explain_model_errors(config):
+        step = fit(model, optimizer, config.fit, batch, nn.functional.cross_entropy, method=config.method, freeze_batchnorm=config.freeze_batchnorm)
+    print(step.report)
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"budget": config.fit, "levers": step.report.chosen.levers()}, indent=2))
+        print(f"wrote {args.out}")
+    step.remove()
     return 0
 
 
@@ -400,6 +424,10 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(setting.default), default=None, help=f"{setting.help} (default {setting.default})")
     p.add_argument("--budget", help="plan eps per layer for this many bytes kept by autograd (e.g. 512KiB)")
     p.add_argument("--target", metavar="PROFILE", help="plan for a device profile's budget: a name from 'actcomp devices' or a .toml file")
+    p.add_argument("--fit", metavar="BUDGET", help="fit the whole step (weights, gradients, optimizer state, activations) into this "
+                   "device total with actcomp.fit's levers (e.g. 256MiB); instead of --budget/--target")
+    p.add_argument("--freeze-batchnorm", action="store_true", help="with --fit: BatchNorm on its running statistics (the usual "
+                   "fine-tuning setting; micro-batches are then exact)")
     _add_device_option(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -466,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="print the plan (layers, eps) for a budget or a device")
     _add_run_options(plan, training=False)
-    plan.add_argument("--out", metavar="PATH", help="also write the plan as JSON")
+    plan.add_argument("--out", metavar="PATH", help="also write the plan as JSON (with --fit: the budget and the levers chosen)")
+    plan.add_argument("--optimizer", default="adam", choices=list(OPTIMIZER_NAMES), help="with --fit: the optimizer whose state counts (default adam)")
     plan.set_defaults(run=_plan)
 
     compare = sub.add_parser("compare", help="accuracy vs activation memory for none, svd, hosvd, gradient_filter; PNG + CSV")

@@ -34,13 +34,14 @@ from actcomp.app.files import check_output_dir
 from actcomp.core.files import DirectoryLock, atomic_torch_save, atomic_write_text, load_plain, temporaries
 from actcomp.attach import compress, layer_state, select_layers, stats
 from actcomp.memory import count_saved
+from actcomp.memory.fit import FittedStep, fit
 from actcomp.memory.plan import Plan, parse_bytes, plan
 from actcomp.app.models import TinyMobileNet
 from actcomp.app.torch_device import torch_device
 
 BUILTIN_MODELS = ("tiny_mobilenet",)
 OPTIMIZERS = OPTIMIZER_NAMES  # see actcomp.optim.factory.make_optimizer
-RUN_FILES = ("config.json", "plan.json", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt")
+RUN_FILES = ("config.json", "plan.json", "fit.txt", "metrics.csv", "metrics.json", "checkpoint.pt", "model.pt")
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "layers", "metrics", "epoch")
 
 
@@ -136,6 +137,8 @@ class FinetuneConfig:
     method_settings: tuple[tuple[str, Any], ...] = ()
     budget: str | None = None
     target: str | None = None  # a device profile (actcomp.devices): plan for its budget
+    fit: str | None = None  # a device budget for the whole step: actcomp.fit chooses the levers
+    freeze_batchnorm: bool = False  # with fit: BatchNorm on running statistics (micro-batching exact)
     epochs: int = 5
     batch_size: int = 32
     lr: float = 3e-3
@@ -167,6 +170,12 @@ class FinetuneConfig:
             raise ValueError("give a budget or a target device profile, not both")
         if self.budget is not None:
             parse_budget(self.budget)
+        if self.fit is not None:
+            if self.budget is not None or self.target is not None:
+                raise ValueError("give --fit (the device total of a step) or --budget/--target (a plan of what autograd keeps), not both")
+            parse_budget(self.fit)
+        if self.freeze_batchnorm and self.fit is None:
+            raise ValueError("--freeze-batchnorm applies to the step that --fit makes; give --fit too")
         selector(self.layers)
         if self.weights is not None and not Path(self.weights).is_file():
             raise ValueError(f"weights file '{self.weights}' does not exist")
@@ -294,6 +303,12 @@ def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | 
     _probe(model, sample, config)  # materialise lazy modules; a model that cannot take the inputs fails here
     names = select_layers(model, selector(config.layers), sample=sample)
     chosen: Plan | None = None
+    if config.fit is not None:  # fit() compresses (and applies the other levers) itself, on the trained layers
+        model.requires_grad_(False)
+        modules = dict(model.named_modules())
+        for name in names:
+            modules[name].requires_grad_(True)
+        return model, None
     if config.budget is not None or config.target is not None:
         calib = [(data.train_x[: config.batch_size].to(device), data.train_y[: config.batch_size].to(device))]
         with explain_model_errors(config):
@@ -532,6 +547,14 @@ def _run_locked(
             atomic_write_text(out / "plan.json", chosen.to_json())
     loss_fn = nn.CrossEntropyLoss()
     model.train()
+    fitted: FittedStep | None = None
+    if config.fit is not None:  # the levers fit() measures best for the device budget, calibrated on the first batch
+        first = data.train_x[: config.batch_size].to(device), data.train_y[: config.batch_size].to(device)
+        # a resumed run keeps the levers it was fitted with (a new search could time others fastest)
+        levers = checkpoint.get("fit") if checkpoint is not None else None
+        with explain_model_errors(config):
+            fitted = fit(model, optimizer, config.fit, first, loss_fn, method=config.method, levers=levers, freeze_batchnorm=config.freeze_batchnorm)
+        atomic_write_text(out / "fit.txt", f"{fitted.report}\n")
     n = len(data.train_y)
     for epoch in range(start_epoch, config.epochs):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -542,16 +565,20 @@ def _run_locked(
             index = order[start:stop]
             xb, yb = data.train_x[index].to(device), data.train_y[index].to(device)
             begin = time.perf_counter()
-            optimizer.zero_grad()
-            with explain_model_errors(config):
-                if i == 0:  # measure what autograd keeps on the epoch's first step
-                    with count_saved(model) as saved:
+            if fitted is not None:  # forward, backward and update as fit chose (the budget checked on a measured step)
+                with explain_model_errors(config):
+                    loss = fitted(xb, yb)
+            else:
+                optimizer.zero_grad()
+                with explain_model_errors(config):
+                    if i == 0:  # measure what autograd keeps on the epoch's first step
+                        with count_saved(model) as saved:
+                            loss = loss_fn(model(xb), yb)
+                        saved_bytes = saved.saved_bytes
+                    else:
                         loss = loss_fn(model(xb), yb)
-                    saved_bytes = saved.saved_bytes
-                else:
-                    loss = loss_fn(model(xb), yb)
-            loss.backward()
-            optimizer.step()
+                loss.backward()
+                optimizer.step()
             losses.append(loss.item())  # the host sync ends the step on an asynchronous device
             step_ms.append((time.perf_counter() - begin) * 1e3)
         layer_bytes = sum(s.kept_bytes for s in stats(model).values())
@@ -562,17 +589,23 @@ def _run_locked(
             "step_ms": statistics.median(step_ms),
             "saved_bytes": saved_bytes,
             "layer_bytes": layer_bytes,
+            **({"device_total_bytes": fitted.report.measured_total_bytes} if fitted is not None else {}),
         })
+        optimizer_state = fitted.optimizer_state_dict() if fitted is not None else optimizer.state_dict()
         state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "layers": _layer_states(model), "metrics": metrics, "epoch": epoch + 1,
+            "model": model.state_dict(), "optimizer": optimizer_state, "rng": torch.get_rng_state(),
+            "layers": _layer_states(model) if fitted is None else {}, "metrics": metrics, "epoch": epoch + 1,
         }
+        if fitted is not None:
+            state["fit"] = fitted.report.chosen.levers()
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         atomic_torch_save(state, checkpoint_path)  # a kill leaves the previous checkpoint whole
         _write_metrics(out, metrics)
         if after_epoch is not None:
             after_epoch(epoch + 1)
+    if fitted is not None:
+        fitted.remove()  # the model as it was: plain modules, no hooks
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     _write_metrics(out, metrics)
     if hasattr(optimizer, "remove_hooks"):  # SINGD, HyLo: detach their hooks from the model

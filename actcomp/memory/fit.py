@@ -34,7 +34,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,33 @@ class FitChoice:
             where = " outside them" if self.recompute else ""
             parts.append(f"{self.compression.method} eps {self.compression.eps:g}{where}")
         return ", ".join(parts) or "plain"
+
+    def levers(self) -> dict[str, Any]:
+        """The levers of this choice, JSON-ready (what :func:`fit`'s ``levers=`` takes, e.g. to
+        resume a run with the levers it was fitted with)."""
+        return {
+            "micro_batches": self.micro_batches,
+            "recompute": list(self.recompute),
+            "step_in_backward": self.step_in_backward,
+            "compression": None if self.compression is None else self.compression.as_dict(),
+            "state_dtype": None if self.state_dtype is None else str(self.state_dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_levers(cls, levers: Mapping[str, Any]) -> "FitChoice":
+        """The (unmeasured) choice that :meth:`levers` describes; ValueError when malformed."""
+        try:
+            compression = levers["compression"]
+            dtype = levers.get("state_dtype")
+            state_dtype = None if dtype is None else getattr(torch, str(dtype))
+            if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+                raise ValueError(f"state_dtype {dtype!r} is not a floating-point dtype")
+            return cls(
+                int(levers["micro_batches"]), tuple(str(b) for b in levers["recompute"]), bool(levers["step_in_backward"]),
+                None if compression is None else CompressionConfig.from_dict(compression), 0, 0, 0.0, 0.0, state_dtype,
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"not a description of fit's levers ({type(error).__name__}: {error})") from None
 
 
 @dataclass
@@ -526,6 +553,7 @@ def fit(
     freeze_batchnorm: bool = False,
     timing_steps: int = 2,
     retime_rounds: int = 2,
+    levers: Mapping[str, Any] | FitChoice | None = None,
 ) -> FittedStep:
     """Fit one training step of ``model`` with ``optimizer`` into ``budget`` bytes of device memory.
 
@@ -552,6 +580,9 @@ def fit(
     state takes half the bytes; each candidate's total counts the state as it holds it. The choice is applied to ``model`` and ``optimizer`` and
     returned as a :class:`FittedStep`; ``step.report`` lists every measured combination. An
     infeasible budget is a ValueError naming the smallest total measured and what it is made of.
+    ``levers`` (a :meth:`FitChoice.levers` dict, or a FitChoice) skips the search: those levers
+    are measured beside plain and applied if they fit, e.g. when a run resumes with the levers it
+    was fitted with (a new search could time another combination fastest).
     """
     budget_bytes = parse_bytes(budget)
     if not 0.0 <= headroom < 1.0:
@@ -572,6 +603,14 @@ def fit(
             plain, chosen, list(calibration.measured.values()), notes, max_error=max_error, headroom=headroom,
         )
 
+    if levers is not None:
+        given = levers if isinstance(levers, FitChoice) else FitChoice.from_levers(levers)
+        chosen = calibration.measure(given.micro_batches, given.recompute, given.step_in_backward, given.compression, given.state_dtype)
+        if chosen is None or not report(chosen).fits(chosen):
+            what = "cannot run on this batch" if chosen is None else f"measure {format_bytes(chosen.total_bytes)}, gradient error {chosen.grad_error:.3g}"
+            raise ValueError(f"the given levers ({given.describe()}) {what}: not within {format_bytes(budget_bytes)} and max_error {max_error:g}")
+        notes.append("levers given: no search")
+        return FittedStep(_Applied(model, optimizer, chosen, loss_fn, batch, freeze_batchnorm), report(chosen))
     if plain.total_bytes <= budget_bytes:
         notes.append("plain autograd fits the budget: the step is plain")
         return FittedStep(_Applied(model, optimizer, plain, loss_fn, batch, freeze_batchnorm), report(plain))
@@ -620,17 +659,33 @@ def fit(
         plain = calibration.measured[_key(plain)]
         feasible = [calibration.measured[_key(c)] for c in feasible]
     if not feasible:
-        smallest = min(calibration.measured.values(), key=lambda c: c.total_bytes)
-        resident = smallest.total_bytes - smallest.peak_bytes
-        raise ValueError(
-            f"no combination of {', '.join(allow)} fits {format_bytes(budget_bytes)} within max_error {max_error:g}: the smallest "
-            f"total measured is {format_bytes(smallest.total_bytes)} ({smallest.describe()}): resident "
-            f"{format_bytes(resident)} (weights {format_bytes(calibration.weights)}, optimizer state "
-            f"{format_bytes(resident - calibration.resident + calibration.state)}, buffers {format_bytes(calibration.buffers)}, batch "
-            f"{format_bytes(calibration.batch_bytes)}) + peak {format_bytes(smallest.peak_bytes)}"
-        )
+        raise ValueError(_infeasible(calibration, budget_bytes, compressed_limit, allow, max_error))
     chosen = min(feasible, key=lambda c: (c.step_ms, c.total_bytes))
     return FittedStep(_Applied(model, optimizer, chosen, loss_fn, batch, freeze_batchnorm), report(chosen))
+
+
+def _infeasible(calibration: _Calibration, budget_bytes: int, compressed_limit: int, allow: Sequence[str], max_error: float) -> str:
+    """Why nothing fits: the smallest total measured within max_error and what it is made of;
+    and, when some combination fits the bytes only with a larger gradient error, which one."""
+    measured = list(calibration.measured.values())
+    within = [c for c in measured if c.grad_error <= max_error] or measured
+    smallest = min(within, key=lambda c: c.total_bytes)
+    resident = smallest.total_bytes - smallest.peak_bytes
+    text = (
+        f"no combination of {', '.join(allow)} fits {format_bytes(budget_bytes)} within max_error {max_error:g}: the smallest "
+        f"total measured is {format_bytes(smallest.total_bytes)} ({smallest.describe()}): resident "
+        f"{format_bytes(resident)} (weights {format_bytes(calibration.weights)}, optimizer state "
+        f"{format_bytes(resident - calibration.resident + calibration.state)}, buffers {format_bytes(calibration.buffers)}, batch "
+        f"{format_bytes(calibration.batch_bytes)}) + peak {format_bytes(smallest.peak_bytes)}"
+    )
+    too_inexact = [c for c in measured if c.grad_error > max_error and c.total_bytes <= (budget_bytes if c.compression is None else compressed_limit)]
+    if too_inexact:
+        best = min(too_inexact, key=lambda c: c.grad_error)
+        text += (
+            f"; {best.describe()} fits at {format_bytes(best.total_bytes)} but with gradient error {best.grad_error:.3g}"
+            + (" (micro-batches through BatchNorm in train mode: freeze_batchnorm=True makes them exact)" if best.compression is None else "")
+        )
+    return text
 
 
 def _batch_size(batch: Any) -> int:

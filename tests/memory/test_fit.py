@@ -134,8 +134,9 @@ def test_batchnorm_micro_batches_are_exact_when_frozen():
 
     frozen = fitted(freeze_batchnorm=True)
     assert frozen.report.chosen.micro_batches > 1 and frozen.report.chosen.grad_error == 0.0
-    with pytest.raises(ValueError, match="max_error 0"):  # in train mode micro-batches change BatchNorm's statistics
+    with pytest.raises(ValueError, match="max_error 0") as raised:  # in train mode micro-batches change BatchNorm's statistics
         fitted()
+    assert "fits at" in str(raised.value) and "freeze_batchnorm=True makes them exact" in str(raised.value)
 
 
 class ReturnsLoss(nn.Module):
@@ -308,3 +309,24 @@ def test_optimizer_state_dict_resumes_the_step_in_backward_exactly():
     plain_steps(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), batches)
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_given_levers_skip_the_search_and_round_trip_through_json():
+    import json
+
+    from actcomp.memory.fit import FitChoice
+
+    choice = FitChoice(4, ("0", "1"), True, actcomp.CompressionConfig("hosvd", 0.95), 0, 0, 0.0, 0.0, torch.bfloat16)
+    assert FitChoice.from_levers(json.loads(json.dumps(choice.levers()))) == choice
+    for bad in ({}, {"micro_batches": 2}, {**choice.levers(), "state_dtype": "int8"}):
+        with pytest.raises(ValueError):
+            FitChoice.from_levers(bad)
+    model, (x, y) = mlp(), data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    levers = {"micro_batches": 2, "recompute": [], "step_in_backward": True, "compression": None, "state_dtype": None}
+    step = actcomp.fit(model, optimizer, "1GiB", (x, y), F.cross_entropy, levers=levers)
+    assert step.report.chosen.describe() == "2 micro-batches, step in backward"
+    assert {c.describe() for c in step.report.candidates} == {"plain", "2 micro-batches, step in backward"}
+    step.remove()
+    with pytest.raises(ValueError, match="given levers"):
+        actcomp.fit(model, optimizer, "4KiB", (x, y), F.cross_entropy, levers=levers)
