@@ -127,6 +127,10 @@ BAD_FILE_INPUTS = [
     (["devices", "--file", "{dir.toml}"], "device file '{dir.toml}' is not a file"),
     (["devices", "--file", "{deep.toml}"], "not valid TOML (nested too deeply)"),
     (["plan", "--target", "{deep.toml}"], "not valid TOML (nested too deeply)"),
+    # issue 22: the comparisons' other modes check --out before training; a file as --data
+    (["compare", "--peft", "--out", "{a-file}"], "--out '{a-file}' is an existing file"),
+    (["compare", "--optimizers", "momentum,adam", "--out", "{a-file}"], "--out '{a-file}' is an existing file"),
+    (["finetune", "--data", "{a-file}"], "data '{a-file}' is a file, not a directory; give 'digits' or an ImageFolder directory"),
 ]
 
 
@@ -163,6 +167,22 @@ def test_bad_files_are_one_line_and_exit_2_before_training(argv, message, capsys
         (["plan", "--device", "stm32h743", "--target", "stm32f746"], "give the profile once, with --target"),
         (["plan", "--target", "fridge"], "unknown device 'fridge'"),
         (["finetune", "--target", "stm32h743", "--budget", "1MiB"], "give a budget or a target device profile, not both"),
+        # issue 22, items 5 and 8
+        (["finetune", "--size", "100000"], "--size must be a whole number of pixels in 1..4096, got 100000"),
+        (["measure", "--size", "100000"], "--size must be a whole number of pixels in 1..4096, got 100000"),
+        (["export", "--size", "100000"], "--size must be a whole number of pixels in 1..4096, got 100000"),
+        (["finetune", "--size", "4096"], "--size 4096: the digits would take"),
+        (["finetune", "--seed", str(10**23)], "--seed must be a whole number in 0..4294967295, got 100000000000000000000000"),
+        (["demo", "--seed", str(10**23)], "--seed must be a whole number in 0..4294967295"),
+        (["compare", "--seed", "-1"], "--seed must be a whole number in 0..4294967295, got -1"),
+        (["export", "--seed", str(2**64)], "--seed must be a whole number in 0..4294967295"),
+        (["demo", "--layers", "99"], "--layers must be a whole number in 1..15 (the demo's model has 15 Conv/Linear layers), got 99"),
+        (["compare", "--max-layers", "16"], "--max-layers must be a whole number in 1..15"),
+        (["compare", "--peft", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["compare", "--peft", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["compare", "--optimizers", "momentum,adam", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["compare", "--optimizers", "momentum,adam", "--pretrain-epochs", "0"], "--pretrain-epochs must be at least 1, got 0"),
+        (["compare", "--optimizers", "adam,rmsprop"], "unknown optimizer 'rmsprop'"),
     ],
 )
 def test_bad_settings_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -172,6 +192,19 @@ def test_bad_settings_are_one_line_and_exit_2(argv, message, capsys, tmp_path, m
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_decompression_bomb_is_one_line(tmp_path, capsys, monkeypatch):
+    """An image with more pixels than PIL allows (a small file that decodes to gigabytes) is
+    refused naming the file (issue 22, item 5; PIL's limit is lowered here to make one small)."""
+    from PIL import Image
+
+    folder = write_images(tmp_path / "images", ["a", "b"])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 8x8 images: 64 pixels > 2 x 10, PIL's error
+    monkeypatch.setattr("actcomp.app.finetune.make_optimizer", lambda *a, **k: pytest.fail("finetune got to training before refusing"))
+    assert main(["finetune", "--data", str(folder), "--size", "8", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"image file '{folder}/a/0.png' refused: Image size (64 pixels) exceeds limit" in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
