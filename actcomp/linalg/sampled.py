@@ -95,19 +95,22 @@ def _numerically_positive(values: Tensor, size: int, dtype: torch.dtype) -> Tens
 
 @torch.no_grad()
 def sampled_hosvd(x: Tensor, eps: float | Sequence[float], generator: torch.Generator | None = None) -> Tucker:
-    """A Tucker estimate of x whose expectation is x, with :func:`hosvd`'s ranks.
+    """A Tucker estimate of x whose expectation is x, with ranks chosen as :func:`hosvd` does.
 
-    The modes are processed in :func:`truncation_order` as in :func:`hosvd`: for mode n of the
-    current tensor Y (X with the earlier modes already applied), the eigen-decomposition of its
-    unfolding's Gram matrix gives singular values s_i and vectors u_i, k_n is the rank hosvd keeps
-    at ``eps`` (``eps[n]`` when one threshold per mode is given), and k_n directions are drawn by
-    :func:`systematic_sample` with :func:`inclusion_probabilities` p_i; the factor U_n holds them
-    (orthonormal) and Y becomes Y x_n (D_n U_n^T) with D_n = diag(1 / p_i). The estimate
-    X~ = core x_0 U_0 x_1 U_1 ... equals X x_0 Q_0 x_1 Q_1 ... with Q_n = U_n D_n U_n^T and
-    E[Q_n | earlier modes] = I (u_i span the whole mode), so E[X~] = X and every weight gradient
-    computed from X~ is unbiased. A mode with eps_n = 1 is kept whole (Q_n = I). At eps = 1 the
-    result is :func:`hosvd`'s (exact, no draw). Singular vectors of a mode larger than the rest
-    of the tensor come from the smaller Gram matrix (u_i = X_(n) v_i / s_i); every Gram matrix is
+    The modes are processed in :func:`truncation_order` as in :func:`hosvd`, each on the tensor
+    Y already projected on the earlier modes' factors: the eigen-decomposition of the Gram matrix
+    of Y's mode-n unfolding gives singular values s_i and vectors u_i, k_n is the smallest rank
+    explaining ``eps`` of ||Y||^2 (``eps[n]`` when one threshold per mode is given), and k_n
+    directions are drawn by :func:`systematic_sample` with :func:`inclusion_probabilities` p_i;
+    the factor U_n holds them (orthonormal) and Y becomes Y x_n U_n^T. The core is the last Y
+    scaled by D_n = diag(1 / p_i) on every mode, so that X~ = core x_0 U_0 x_1 U_1 ... equals
+    X x_0 Q_0 x_1 Q_1 ... with Q_n = U_n D_n U_n^T (diagonal scalings commute with the other
+    modes' products). Given the earlier modes, E[Q_n] is the projector on the column space of
+    Y's mode-n unfolding, which holds every mode-n fibre of X x_0 Q_0 ... (they are those of Y
+    times diagonal weights), so E[X~] = X and every weight gradient computed from X~ is
+    unbiased. A mode with eps_n = 1 is kept whole (Q_n = that projector). At eps = 1 the result
+    is :func:`hosvd`'s (exact, no draw). Singular vectors of a mode larger than the rest of the
+    tensor come from the smaller Gram matrix (u_i = Y_(n) v_i / s_i); every Gram matrix is
     decomposed exactly (eigh), whatever its size. ``generator`` draws the offsets (the global
     generator when None); computed in float32 (float64 for float64 input), returned in x's dtype.
     """
@@ -119,6 +122,7 @@ def sampled_hosvd(x: Tensor, eps: float | Sequence[float], generator: torch.Gene
     y, scale = finite_scaled(x)
     axes = list(range(x.ndim))
     factors: list[Tensor] = [y] * x.ndim
+    weights: list[Tensor | None] = [None] * x.ndim
     for mode in truncation_order(x.shape):
         with threads_for(y):
             unfolding = Unfolding(y, axes, mode)
@@ -128,23 +132,26 @@ def sampled_hosvd(x: Tensor, eps: float | Sequence[float], generator: torch.Gene
         values, vectors = values.flip(-1), vectors.flip(-1)
         if mode_eps[mode] >= 1.0:
             u = unfolding.factor(vectors.to(y.device, y.dtype))
-            weights = torch.ones(u.shape[1], dtype=y.dtype, device=y.device)
         else:
             k = int(rank_tensor(values, mode_eps[mode]))
             keep = _numerically_positive(values, gram.shape[0], y.dtype)
             p = inclusion_probabilities(values.clamp_min(0).sqrt() * keep, k)
             index = systematic_sample(p, generator)
             chosen = vectors[:, index]
-            if unfolding.wide:  # left singular vectors u_i = X_(n) v_i / s_i
+            if unfolding.wide:  # left singular vectors u_i = Y_(n) v_i / s_i
                 with threads_for(y):
                     u = unfolding.m @ (chosen / values[index].sqrt()).to(y.device, y.dtype)
             else:
                 u = chosen.to(y.device, y.dtype)
-            weights = (1.0 / p[index]).to(y.device, y.dtype)
+            weights[mode] = (1.0 / p[index]).to(y.device, y.dtype)
         with threads_for(y):
-            y, axes = unfolding.project(u * weights)
+            y, axes = unfolding.project(u)
         factors[mode] = u
-    core = unscaled(y.permute([axes.index(n) for n in range(x.ndim)]), scale)
+    core = y.permute([axes.index(n) for n in range(x.ndim)])
+    for mode, w in enumerate(weights):
+        if w is not None:
+            core = core * w.reshape([-1 if n == mode else 1 for n in range(x.ndim)])
+    core = unscaled(core, scale)
     return Tucker(own(core, x.dtype), tuple(own(u, x.dtype) for u in factors))
 
 
