@@ -16,8 +16,10 @@ Directions with p_i = 1 (the largest, s_i >= tau) are the principal subspace, ke
 tail is sampled in proportion to s_i, which minimises the estimate's variance
 sum_i s_i^2 (1 / p_i - 1) under sum_i p_i = k. The indicators are drawn by systematic sampling
 (one uniform offset u, the points u, u + 1, ..., u + k - 1 laid over the cumulative p_i): each
-direction's inclusion probability is exactly p_i and exactly k directions are kept, so the
-memory equals the truncated decomposition's. Every linear function of the estimate, the weight
+direction's inclusion probability is exactly p_i and exactly k directions are kept: for one
+unfolding (:func:`sampled_svd`) the memory is the truncated decomposition's; in a Tucker form
+each later mode's k comes from eps on the tensor projected on the directions drawn so far
+(on the demo's layers at or below hosvd's ranks). Every linear function of the estimate, the weight
 gradient dW = dY . X among them, is then unbiased: E[dW(X~)] = dW(X) (PRAC, arXiv 2602.23111;
 WTA-CRS, NeurIPS 2023, for the same idea on sampled column-row pairs).
 """
