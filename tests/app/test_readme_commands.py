@@ -65,3 +65,26 @@ def test_every_command_of_the_table_runs_as_written(argv, tmp_path, capsys, monk
         assert PRINTED[argv[0]] in out
     if argv[0] == "finetune":
         assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 1
+
+
+def test_the_reliability_section_names_tests_that_exist():
+    """Every test the README's Reliability table names (``path::name``, ``::name`` for another
+    of the same file, a trailing ``*`` for several) is a test function of that file."""
+    root = README.parent
+    text = README.read_text()
+    section = text.split("\n## Reliability\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| **")]
+    assert len(rows) >= 10
+    for row in rows:
+        held_by = row.rstrip(" |").rsplit(" | ", 1)[1]
+        refs = re.findall(r"`([^`]+)`", held_by)
+        assert refs, row[:80]
+        current = None
+        for ref in refs:
+            path, _, name = ref.partition("::")
+            current = path or current
+            assert current and (root / current).is_file(), ref
+            if name:
+                source = (root / current).read_text()
+                pattern = re.escape(name[:-1]) + r"\w*" if name.endswith("*") else re.escape(name) + r"\b"
+                assert re.search(r"^def " + pattern, source, re.M), f"{current}::{name}"
