@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import types
 import warnings
 from typing import Any, Iterator
 
@@ -141,12 +142,25 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
     return (_new_compressed, (type(self)._actcomp_base,), self.__dict__.copy())
 
 
+def _own_code(function: Any, base: type[nn.Module]) -> Any:
+    """``function`` with a code object of its own for ``base``'s compressed class.
+    torch.compile (dynamo) keeps its compiled frames per code object and guards each on the
+    module's class: one shared forward for every compressed class would hit dynamo's
+    recompile limit after 8 classes (a model with Linear, Conv2d, BatchNorm, ReLU, pooling...
+    compressed) and fall back to eager with a warning; a code object per class keeps the
+    entries apart."""
+    code = function.__code__.replace(co_name=f"{function.__name__}_{base.__name__}")
+    own = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+    own.__qualname__, own.__doc__ = f"Compressed{base.__name__}.forward", function.__doc__
+    return own
+
+
 def compressed_class(base: type[nn.Module]) -> type[nn.Module]:
     """The subclass of ``base`` a compressed module takes (one per base)."""
     cls = _SUBCLASSES.get(base)
     if cls is None:
         namespace = {
-            "forward": _compressed_forward,
+            "forward": _own_code(_compressed_forward, base),
             "extra_repr": _extra_repr,
             "__reduce_ex__": _reduce_ex,
             "_actcomp_base": base,

@@ -25,6 +25,7 @@ saving the parameter itself instead of the cast copy plain autocast keeps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,25 @@ def keep_input(state: Any, x: Tensor) -> None:
     kept = 0 if state.shared else x.numel() * x.element_size()
     state.last = dataclasses.replace(last, method=PLAIN, ranks=(), kept_bytes=kept)
     mark_kept(PLAIN, x)  # packers leave it alone; measure reports it as "plain"
+
+
+def factors_of(state: Any, x: Tensor, layout: InputLayout) -> Any:
+    """The layer's factors of x (:meth:`LayerState.compress`), run eagerly under torch.compile:
+    the decomposition reads ranks on the host and its shapes differ per layer and step, so
+    dynamo would recompile it for each (and hit its recompile limit) to no gain. (The disabled
+    wrapper is made on first use while compiling: ``torch.compiler.disable`` imports dynamo.)"""
+    if torch.compiler.is_compiling():
+        return _eager_factors()(state, x, layout)
+    return state.compress(x, layout)
+
+
+def _factors(state: Any, x: Tensor, layout: InputLayout) -> Any:
+    return state.compress(x, layout)
+
+
+@functools.lru_cache(maxsize=None)
+def _eager_factors() -> Any:
+    return torch.compiler.disable(_factors)
 
 
 def full_rank_at_one(call: "_Call") -> bool:
@@ -136,7 +156,7 @@ class CompressedOp(torch.autograd.Function):
             ctx.kind = PLAIN
             ctx.save_for_backward(weight, x)
             return
-        factors = call.state.compress(x, call.layout)
+        factors = factors_of(call.state, x, call.layout)
         if factors.nbytes > x.numel() * x.element_size():
             keep_input(call.state, x)  # never worse than plain: the factors would outweigh x
             ctx.kind = PLAIN
