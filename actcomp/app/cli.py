@@ -22,6 +22,7 @@ from actcomp.linalg.numerics import check_eps
 from actcomp.methods import method_class, method_names
 from actcomp.methods.base import Setting
 from actcomp.app.files import check_output_dir, check_output_file
+from actcomp.core.files import atomic_write_text
 from actcomp.optim.factory import OPTIMIZER_NAMES
 
 
@@ -78,7 +79,7 @@ def _demo_vit(args: argparse.Namespace) -> int:
     )
     print("Fine-tuning a TinyViT (2x2 patches as tokens) on digits 5-9 after pretraining on 0-4 (scikit-learn digits, 8x8)")
     print(format_token_table(rows))
-    (out / "demo_vit.json").write_text(json.dumps(token_rows_as_dicts(rows), indent=2))
+    atomic_write_text(out / "demo_vit.json", json.dumps(token_rows_as_dicts(rows), indent=2))
     print(f"\nwrote {out / 'demo_vit.json'}")
     return 0
 
@@ -117,8 +118,8 @@ def _demo(args: argparse.Namespace) -> int:
     print("Fine-tuning TinyMobileNet on digits 5-9 after pretraining on 0-4 (scikit-learn digits, 32x32)")
     print(format_table(rows))
     print(f"\nPlan for {args.budget}:\n{chosen}")
-    (out / "demo.json").write_text(json.dumps(rows_as_dicts(rows), indent=2))
-    chosen.save(out / "plan.json")
+    atomic_write_text(out / "demo.json", json.dumps(rows_as_dicts(rows), indent=2))
+    atomic_write_text(out / "plan.json", chosen.to_json())
     print(f"\nwrote {plot_demo(rows, out / 'demo.png')}, {out / 'demo.json'}, {out / 'plan.json'}")
     return 0
 
@@ -215,7 +216,7 @@ def _plan(args: argparse.Namespace) -> int:
         return _plan_fit(args, config, model, data)
     print(chosen)
     if args.out:
-        chosen.save(args.out)
+        atomic_write_text(args.out, chosen.to_json())
         print(f"wrote {args.out}")
     return 0
 

@@ -314,11 +314,12 @@ class DirectoryLock:
                         fcntl.flock(fd, fcntl.LOCK_EX)  # only a breaker checking this file can hold it, briefly
                     except OSError:
                         pass  # a file system without flock: the pid check alone
-                os.write(fd, json.dumps(info).encode())
-                os.fsync(fd)
-            except BaseException:
+                os.write(fd, json.dumps(info).encode())  # not fsynced: after a power cut no holder is alive anyway
+            except BaseException as error:
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
+                if isinstance(error, OSError) and error.errno in _FULL:
+                    raise OSError(error.errno, f"disk full: could not write '{self.path}'") from None
                 raise
             self._fd = fd
             return self

@@ -66,6 +66,11 @@ class Busy(InputError):
     """Another runner or export holds the bundle: exit code 2."""
 
 
+class ReadOnly(InputError):
+    """The bundle's directory cannot be written (a read-only medium): no lock can be taken, and
+    none is needed unless the run writes into the bundle."""
+
+
 # --- One writer per bundle (the same protocol as actcomp.core.files.DirectoryLock). ---
 
 
@@ -158,15 +163,16 @@ class BundleLock:
                 self.break_stale()
                 continue
             except OSError as error:
-                raise InputError(f"bundle '{self.directory}' cannot be written ({error.strerror or error})") from None
+                if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise ReadOnly(f"bundle '{self.directory}' cannot be written ({error.strerror or error})") from None
+                raise
             try:
                 if fcntl is not None:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX)
                     except OSError:
                         pass
-                os.write(fd, json.dumps(info).encode())
-                os.fsync(fd)
+                os.write(fd, json.dumps(info).encode())  # not fsynced: after a power cut no holder is alive anyway
             except BaseException:
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
@@ -474,17 +480,28 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or bundle / "state.npz"
     try:
         check_out(out, bundle, args.data)
-        with BundleLock(bundle):  # one writer per bundle: a second runner or an export is refused
-            for name in ("state.npz", "initial_state.npz"):
-                for leftover in temporaries(bundle / name):  # left by a killed writer (this one holds the bundle)
-                    leftover.unlink(missing_ok=True)
+        lock = BundleLock(bundle)
+        try:
+            lock.__enter__()  # one writer per bundle: a second runner or an export is refused
+        except ReadOnly:
+            if out.resolve().parent == bundle:
+                raise
+            lock = None  # a read-only bundle, the state saved elsewhere: nothing here can be written, by anyone
+        try:
+            if lock is not None:
+                for name in ("state.npz", "initial_state.npz"):
+                    for leftover in temporaries(bundle / name):  # left by a killed writer (this one holds the bundle)
+                        leftover.unlink(missing_ok=True)
             state, losses = train(bundle, args.steps, args.lr, args.data, args.state)
             for step, loss in enumerate(losses, 1):
                 print(f"step {step}: loss {loss:.6f}")
             initial = bundle / "initial_state.npz"
-            if not initial.exists() and (bundle / "state.npz").exists():  # a bundle from before initial_state.npz
+            if lock is not None and not initial.exists() and (bundle / "state.npz").exists():  # a bundle from before initial_state.npz
                 save_state(initial, load_arrays(bundle / "state.npz", "state"))
             save_state(out, state)
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
     except InputError as error:
         print(f"runner.py: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -360,3 +361,29 @@ def test_a_damaged_bundle_is_one_line_and_exit_2(bundle, capsys, name, damage, m
     err = capsys.readouterr().err
     assert err.startswith("runner.py: error: ") and re.search(message, err) and err.count("\n") == 1, err
     assert "Traceback" not in err and (bundle / "state.npz").read_bytes() == state and not leftovers(bundle)
+
+
+def test_a_read_only_bundle_trains_into_an_out_elsewhere(bundle, tmp_path, capsys, monkeypatch):
+    """No lock can be taken in a bundle on a read-only medium; none is needed when the state
+    is saved elsewhere (saving into the bundle is one line, exit 2). The medium is simulated:
+    creating a file in the bundle fails with EROFS."""
+    import errno
+    import os
+
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if Path(path).parent == bundle and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert run_main(bundle, "--steps", "1", "--out", tmp_path / "mine.npz") == 0
+    assert (tmp_path / "mine.npz").is_file()
+    capsys.readouterr()
+    assert run_main(bundle, "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "cannot be written (Read-only file system)" in err and err.count("\n") == 1
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
