@@ -225,7 +225,6 @@ def _plan_fit(args: argparse.Namespace, config, model, data) -> int:
     from torch import nn
 
     from actcomp.app.finetune import explain_model_errors
-    from actcomp.core.files import atomic_write_text
     from actcomp.memory.fit import fit
     from actcomp.optim.factory import make_optimizer
 
