@@ -439,13 +439,15 @@ class _Calibration:
             self.failed[key] = str(error).splitlines()[0] if str(error) else type(error).__name__
             return None
 
-    def _error(self, micro_batches: int, compression: CompressionConfig | None) -> float:
-        """The gradient error of micro-batching and compression (recompute and the step in
-        backward change no gradient), measured once per pair on a fresh copy."""
-        key = (micro_batches, compression)
+    def _error(self, micro_batches: int, recompute: tuple[str, ...], compression: CompressionConfig | None) -> float:
+        """The gradient error of micro-batching and compression, measured once per combination
+        on a fresh copy. Recompute and the step in backward change no gradient, but with
+        recompute only the layers outside the blocks are compressed: it is part of the key then."""
+        recompute = recompute if compression is not None else ()
+        key = (micro_batches, recompute, compression)
         if key not in self.errors:
             model, optimizer = self._copies()
-            probe = FitChoice(micro_batches, (), False, compression, 0, 0, 0.0, 0.0)
+            probe = FitChoice(micro_batches, recompute, False, compression, 0, 0, 0.0, 0.0)
             applied = _Applied(model, optimizer, probe, self.loss_fn, self.batch, self.frozen_batchnorm)
             model.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
@@ -458,7 +460,7 @@ class _Calibration:
 
     def _measure(self, key: tuple) -> FitChoice:
         micro_batches, recompute, in_backward, compression, state_dtype = key
-        error = self._error(micro_batches, compression)
+        error = self._error(micro_batches, recompute, compression)
         # memory and time of the real step (update included) on a fresh copy
         model, optimizer = self._copies()
         choice = FitChoice(micro_batches, recompute, in_backward, compression, 0, 0, 0.0, error, state_dtype)

@@ -330,3 +330,15 @@ def test_given_levers_skip_the_search_and_round_trip_through_json():
     step.remove()
     with pytest.raises(ValueError, match="given levers"):
         actcomp.fit(model, optimizer, "4KiB", (x, y), F.cross_entropy, levers=levers)
+
+
+def test_the_gradient_error_of_compression_outside_recompute_is_its_own():
+    from actcomp.memory.fit import _Calibration
+
+    model, (x, y) = mlp(), data(64)
+    calibration = _Calibration(model, torch.optim.SGD(model.parameters(), lr=0.1), (x, y), F.cross_entropy, 1, False)
+    config = actcomp.CompressionConfig("hosvd", 0.5)
+    everywhere = calibration.measure(1, (), False, config)
+    outside = calibration.measure(1, ("0", "1"), False, config)  # only the head is compressed
+    assert everywhere.grad_error > outside.grad_error  # not the cached error of compressing every layer
+    assert calibration.measure(1, ("0", "1"), False, None).grad_error == 0.0
