@@ -19,14 +19,15 @@ def stop_after_first(done):
         raise Interrupted
 
 
-FIT_RUN = FinetuneConfig(layers="all", fit="6MiB", freeze_batchnorm=True, epochs=2, batch_size=64, optimizer="adam", lr=3e-3)
+# 16 px, batch 128: plain's device total is 29 MiB, so 8 MiB takes levers (and the runs stay short)
+FIT_RUN = FinetuneConfig(size=16, layers="all", fit="8MiB", freeze_batchnorm=True, epochs=2, batch_size=128, optimizer="adam", lr=3e-3)
 
 
 def test_a_fitted_run_resumes_with_its_levers_to_the_uninterrupted_weights(tmp_path):
     metrics = run_finetune(FIT_RUN, tmp_path / "straight", progress=False)
-    assert all(0 < row["device_total_bytes"] <= 6 * 2**20 for row in metrics)
+    assert all(0 < row["device_total_bytes"] <= 8 * 2**20 for row in metrics)
     report = (tmp_path / "straight" / "fit.txt").read_text()
-    assert "chosen:" in report and "budget 6.0 MiB" in report
+    assert "chosen:" in report and "budget 8.0 MiB" in report
     levers = load_checkpoint(tmp_path / "straight" / "checkpoint.pt", torch.device("cpu"))["fit"]
     assert levers["micro_batches"] > 1 or levers["recompute"] or levers["step_in_backward"] or levers["compression"]
     with pytest.raises(Interrupted):
@@ -41,18 +42,17 @@ def test_a_fitted_run_resumes_with_its_levers_to_the_uninterrupted_weights(tmp_p
 
 def test_plan_fit_prints_the_report_and_writes_the_levers(tmp_path, capsys):
     out = tmp_path / "fit.json"
-    assert main(["plan", "--fit", "6MiB", "--layers", "all", "--batch-size", "32", "--freeze-batchnorm", "--out", str(out)]) == 0
+    assert main(["plan", "--fit", "3MiB", "--size", "16", "--layers", "all", "--batch-size", "32", "--freeze-batchnorm", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "chosen:" in printed and "plain" in printed
     written = json.loads(out.read_text())
-    assert written["budget"] == "6MiB" and set(written["levers"]) == {"micro_batches", "recompute", "step_in_backward", "compression", "state_dtype"}
+    assert written["budget"] == "3MiB" and set(written["levers"]) == {"micro_batches", "recompute", "step_in_backward", "compression", "state_dtype"}
 
 
 @pytest.mark.parametrize("argv,message", [
     (["finetune", "--fit", "6MiB", "--budget", "1MiB"], "not both"),
     (["finetune", "--freeze-batchnorm"], "give --fit too"),
     (["plan", "--fit", "lots"], "budget must be"),
-    (["plan", "--fit", "1KiB", "--batch-size", "8"], "no combination"),
 ])
 def test_bad_fit_settings_are_one_line(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path / "out")] if argv[0] == "finetune" else argv) == 2
