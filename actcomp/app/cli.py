@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from actcomp.linalg.numerics import check_eps
+from actcomp.memory.fit import BudgetExceededError
 from actcomp.methods import method_class, method_names
 from actcomp.methods.base import Setting
 from actcomp.app.files import check_output_dir, check_output_file
@@ -565,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
+        print(f"actcomp {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except BudgetExceededError as error:  # a fitted step measured above its --fit budget
         print(f"actcomp {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:

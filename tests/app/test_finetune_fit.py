@@ -58,3 +58,19 @@ def test_bad_fit_settings_are_one_line(tmp_path, capsys, argv, message):
     assert main([*argv, "--out", str(tmp_path / "out")] if argv[0] == "finetune" else argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_step_measured_over_its_budget_is_one_line(capsys, monkeypatch):
+    from actcomp.app import cli
+    from actcomp.memory.fit import BudgetExceededError
+
+    def over_budget(args):
+        raise BudgetExceededError("the fitted step's measured device total 9.0 MiB exceeds the budget 8.0 MiB")
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    commands.choices["finetune"].set_defaults(run=over_budget)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main(["finetune", "--fit", "8MiB"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds the budget 8.0 MiB" in err and err.count("\n") == 1 and "Traceback" not in err
