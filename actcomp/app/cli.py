@@ -366,12 +366,10 @@ def _export(args: argparse.Namespace) -> int:
         if args.target:
             print(plan.verdict(args.target))
         return 0
+    from actcomp.app.models import train_only
     from actcomp.attach import select_layers
 
-    model.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in select_layers(model, train_layers, sample=data.train_x[:1]):
-        modules[name].requires_grad_(True)
+    train_only(model, select_layers(model, train_layers, sample=data.train_x[:1]))
     if not args.weights:
         print(
             f"actcomp export: warning: no --weights, so the bundle starts from random weights; with only the --train "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +28,7 @@ from actcomp.attach import compress, select_layers, stats
 from actcomp.memory import format_bytes, measure
 from actcomp.memory.fit import FitReport, fit
 from actcomp.memory.plan import Plan, plan
-from actcomp.app.models import TinyMobileNet
+from actcomp.app.models import TinyMobileNet, train_only
 from actcomp.memory.format import aligned_table
 from actcomp.app.torch_device import torch_device
 
@@ -72,20 +73,33 @@ def train(
     """Adam on the trainable parameters of ``model`` (already on ``device``; batches are moved
     there); returns the time of every step in ms."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
-    step_ms = []
     model.train()
+
+    def step(xb: Tensor, yb: Tensor) -> float:
+        optimizer.zero_grad()
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        return loss.item()  # the host sync ends the step on an asynchronous device
+
+    return _timed_steps(step, x, y, epochs, batch_size, seed, desc, progress, device)
+
+
+def _timed_steps(
+    step: Callable[[Tensor, Tensor], float], x: Tensor, y: Tensor, epochs: int, batch_size: int, seed: int, desc: str,
+    progress: bool, device: torch.device,
+) -> list[float]:
+    """``step(xb, yb)`` (one training step, returning its loss as a float) over ``epochs`` of
+    seeded shuffled batches moved to ``device``, with a progress bar; the time of every step in ms."""
+    generator = torch.Generator().manual_seed(seed)
+    step_ms = []
     steps = epochs * ((len(y) + batch_size - 1) // batch_size)
     with tqdm(total=steps, desc=desc, leave=False, disable=not progress) as bar:
         for _ in range(epochs):
             for xb, yb in _batches(x, y, batch_size, generator, device):
                 start = time.perf_counter()
-                optimizer.zero_grad()
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                optimizer.step()
-                value = loss.item()  # the host sync ends the step on an asynchronous device
+                value = step(xb, yb)
                 step_ms.append((time.perf_counter() - start) * 1e3)
                 bar.set_postfix(loss=f"{value:.3f}")
                 bar.update()
@@ -137,10 +151,7 @@ def finetune_copy(task: Task, names: list[str], config: CompressionConfig | Plan
         config.apply(model)
         label = f"{config.method} plan"
     else:
-        model.requires_grad_(False)
-        modules = dict(model.named_modules())
-        for name in names:
-            modules[name].requires_grad_(True)
+        train_only(model, names)
         compress(model, names, config=config)
         label = config.method
     step_ms = train(model, task.train_x, task.train_y, epochs, batch_size, 3e-3, seed, f"fine-tune 5-9 ({label})", progress, task.device)
@@ -154,11 +165,7 @@ def finetune_fitted(
     :func:`actcomp.fit` makes it fit ``budget`` (default: ``fraction`` of plain autograd's
     device total, as fit measures it) on the first batch; BatchNorm on its running statistics
     (the usual fine-tuning setting, which makes micro-batching exact)."""
-    model = copy.deepcopy(task.base)
-    model.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in names:
-        modules[name].requires_grad_(True)
+    model = train_only(copy.deepcopy(task.base), names)
     first = (task.train_x[:batch_size].to(task.device), task.train_y[:batch_size].to(task.device))
     if budget is None:
         probe = copy.deepcopy(model)
@@ -167,17 +174,10 @@ def finetune_fitted(
         budget = format_bytes(int(plain * fraction))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     step = fit(model, optimizer, budget, first, nn.functional.cross_entropy, freeze_batchnorm=True)
-    generator = torch.Generator().manual_seed(seed)
-    step_ms = []
-    batches = epochs * ((len(task.train_y) + batch_size - 1) // batch_size)
-    with tqdm(total=batches, desc=f"fine-tune 5-9 (fit in {budget})", leave=False, disable=not progress) as bar:
-        for _ in range(epochs):
-            for xb, yb in _batches(task.train_x, task.train_y, batch_size, generator, task.device):
-                start = time.perf_counter()
-                value = float(step(xb, yb))
-                step_ms.append((time.perf_counter() - start) * 1e3)
-                bar.set_postfix(loss=f"{value:.3f}")
-                bar.update()
+    step_ms = _timed_steps(
+        lambda xb, yb: float(step(xb, yb)), task.train_x, task.train_y, epochs, batch_size, seed,
+        f"fine-tune 5-9 (fit in {budget})", progress, task.device,
+    )
     step.remove()
     return model, step_ms, step.report
 

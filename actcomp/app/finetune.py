@@ -36,7 +36,7 @@ from actcomp.attach import compress, layer_state, select_layers, stats
 from actcomp.memory import count_saved
 from actcomp.memory.fit import FittedStep, fit
 from actcomp.memory.plan import Plan, parse_bytes, plan
-from actcomp.app.models import TinyMobileNet
+from actcomp.app.models import TinyMobileNet, train_only
 from actcomp.app.torch_device import torch_device
 
 BUILTIN_MODELS = ("tiny_mobilenet",)
@@ -303,12 +303,6 @@ def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | 
     _probe(model, sample, config)  # materialise lazy modules; a model that cannot take the inputs fails here
     names = select_layers(model, selector(config.layers), sample=sample)
     chosen: Plan | None = None
-    if config.fit is not None:  # fit() compresses (and applies the other levers) itself, on the trained layers
-        model.requires_grad_(False)
-        modules = dict(model.named_modules())
-        for name in names:
-            modules[name].requires_grad_(True)
-        return model, None
     if config.budget is not None or config.target is not None:
         calib = [(data.train_x[: config.batch_size].to(device), data.train_y[: config.batch_size].to(device))]
         with explain_model_errors(config):
@@ -318,11 +312,9 @@ def prepare(config: FinetuneConfig, data: Dataset, device: str | torch.device | 
             )
         chosen.apply(model)
         return model, chosen
-    model.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in names:
-        modules[name].requires_grad_(True)
-    compress(model, names, config=config.compression_config())
+    train_only(model, names)
+    if config.fit is None:  # with fit, fit() compresses (and applies the other levers) itself, on the trained layers
+        compress(model, names, config=config.compression_config())
     return model, None
 
 

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import Tensor, nn
+
+
+def train_only(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Freeze every parameter of ``model``, then unfreeze those of the modules ``names``
+    (qualified names); returns ``model``."""
+    model.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].requires_grad_(True)
+    return model
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:

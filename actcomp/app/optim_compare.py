@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from actcomp.core.config import CompressionConfig
+from actcomp.app.models import train_only
 from actcomp.attach import compress, stats
 from actcomp.memory import count_saved
 from actcomp.optim.factory import make_optimizer
@@ -81,11 +82,7 @@ def finetune_with(
     with one optimizer; the point of that run."""
     from actcomp.app.demo import accuracy
 
-    model = copy.deepcopy(task.base)
-    model.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in names:
-        modules[name].requires_grad_(True)
+    model = train_only(copy.deepcopy(task.base), names)
     compress(model, names, config=config)
     optimizer = make_optimizer(optimizer_name, model, lr)
     loss_fn = nn.CrossEntropyLoss()
