@@ -47,6 +47,10 @@ EXACT_OPTIMIZERS: tuple[type[Optimizer], ...] = (
 #: would make a cycle through the tensor's hook table, which the garbage collector cannot see.
 _ATTRIBUTE = "_actcomp_step_in_backward"
 
+#: elements per slice of a parameter's update (:func:`optimizer_in_backward` ``chunk_size``):
+#: 2**20 float32 elements are 4 MiB, so Adam's temporaries stay a few MiB for any parameter.
+DEFAULT_CHUNK_SIZE = 2**20
+
 ParamsLike = nn.Module | Iterable[nn.Parameter] | Iterable[dict]
 OptimizerLike = type[Optimizer] | Optimizer | Callable[..., Optimizer]
 
@@ -117,7 +121,11 @@ class StepInBackward:
     """
 
     def __init__(
-        self, params: list[nn.Parameter], optimizers: dict[nn.Parameter, Optimizer], state_dtype: torch.dtype | None = None
+        self,
+        params: list[nn.Parameter],
+        optimizers: dict[nn.Parameter, Optimizer],
+        state_dtype: torch.dtype | None = None,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         if any(getattr(p, _ATTRIBUTE, None) is not None for p in params):
             raise ValueError("a parameter already steps in backward under another handle: remove() that one first")
@@ -125,7 +133,11 @@ class StepInBackward:
             raise ValueError(f"state_dtype must be a floating-point dtype, got {state_dtype}")
         self.params = params
         self.optimizers = optimizers
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of elements or None, got {chunk_size!r}")
         self.state_dtype = state_dtype
+        self.chunk_size = chunk_size
+        self._stepped: set[int] = set()  # ids of the parameters updated once (their state exists)
         self._accumulating = 0
         for p in params:
             self._store(p)
@@ -140,13 +152,19 @@ class StepInBackward:
 
     def _step_one(self, param: torch.Tensor) -> None:
         """One parameter's update, its state in the parameter's dtype while it runs; then the
-        gradient is freed and the state stored in ``state_dtype`` again."""
+        gradient is freed and the state stored in ``state_dtype`` again. A parameter of more
+        than ``chunk_size`` elements whose state exists is updated chunk by chunk."""
         optimizer = self.optimizers[param]
-        if self.state_dtype is not None:
-            _cast_state(optimizer.state.get(param, {}), param, param.dtype)
-        optimizer.step()
+        state = optimizer.state.get(param, {})
+        if self.chunk_size is not None and param.numel() > self.chunk_size and id(param) in self._stepped and _chunkable(state, param):
+            _step_in_chunks(optimizer, param, self.chunk_size)
+        else:
+            if self.state_dtype is not None:
+                _cast_state(state, param, param.dtype)
+            optimizer.step()
+            self._store(param)
+            self._stepped.add(id(param))
         optimizer.zero_grad(set_to_none=True)
-        self._store(param)
 
     def _store(self, param: torch.Tensor) -> None:
         if self.state_dtype is not None:
@@ -213,11 +231,67 @@ class StepInBackward:
             self._store(p)
 
 
+def _shaped(value: Any, param: torch.Tensor) -> bool:
+    """A state tensor shaped like its parameter (a moment, a momentum buffer), not a scalar."""
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == param.shape
+
+
+def _chunkable(state: dict[str, Any], param: torch.Tensor) -> bool:
+    """The parameter, its gradient and every state tensor shaped like it are contiguous (the
+    state exists: the first update creates it whole, by the optimizer's own rule)."""
+    grad = param.grad
+    return (
+        param.is_contiguous()
+        and grad is not None
+        and grad.is_contiguous()
+        and not grad.is_sparse
+        and all(v.is_contiguous() for v in state.values() if _shaped(v, param))
+    )
+
+
+def _step_in_chunks(optimizer: Optimizer, param: torch.Tensor, chunk_size: int) -> None:
+    """``optimizer.step()`` for its one parameter, run on consecutive slices of at most
+    ``chunk_size`` elements of the flattened parameter, gradient and state.
+
+    For an element-wise update p_i <- u(p_i, g_i, s_i; t) whose scalars (the step count t,
+    NAdam's mu_product) are shared by every element, updating the slices one after another
+    with the same scalars gives the same weights, element by element, as one update of the
+    whole tensor, while the update's temporaries (Adam: sqrt(v) / c + eps, the step; the state
+    cast up from ``state_dtype``) take the bytes of one slice instead of the whole parameter.
+    Each slice runs through a fresh optimizer of the same class and param-group settings on a
+    detached view of the parameter (it shares the parameter's version counter: autograd still
+    sees the update); its state is views of the stored state (cast to the parameter's dtype and
+    written back where stored in another one) and a copy of the scalars, which are then stored
+    as the last slice left them (every slice advances them alike)."""
+    state = optimizer.state[param]
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    flat_param, flat_grad = param.detach().view(-1), param.grad.detach().view(-1)
+    scalars: dict[str, Any] = {}
+    for start in range(0, param.numel(), chunk_size):
+        stop = min(start + chunk_size, param.numel())
+        chunk = flat_param[start:stop]
+        chunk.grad = flat_grad[start:stop]
+        views = {k: v.view(-1)[start:stop] for k, v in state.items() if _shaped(v, param)}
+        work = {k: v if v.dtype == param.dtype else v.to(param.dtype) for k, v in views.items()}
+        scalars = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if k not in views}
+        sliced = type(optimizer)([{**group, "params": [chunk]}])
+        sliced.state[chunk] = {**scalars, **work}
+        sliced.step()
+        after = sliced.state[chunk]
+        for key, view in views.items():
+            if after[key] is not view:
+                view.copy_(after[key])  # stored in another dtype (or replaced by the step): write back
+        scalars = {k: after[k] for k in scalars}
+        chunk.grad = None
+    for key, value in scalars.items():
+        state[key] = value
+
+
 def _cast_state(state: dict[str, Any], param: torch.Tensor, dtype: torch.dtype) -> None:
     """Cast in place (in the dict) the state tensors shaped like ``param`` (moments, momentum
     buffers) to ``dtype``; scalars such as Adam's step count keep theirs."""
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == param.shape and value.dtype != dtype:
+        if _shaped(value, param) and value.dtype != dtype:
             state[key] = value.to(dtype)
 
 
@@ -227,6 +301,7 @@ def optimizer_in_backward(
     *,
     max_grad_norm: float | None = None,
     state_dtype: torch.dtype | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     **settings: Any,
 ) -> StepInBackward:
     """Run the optimizer step inside backward, one parameter at a time, freeing each gradient.
@@ -252,6 +327,11 @@ def optimizer_in_backward(
     parameter) and is rounded to nearest when stored. Adam's state then takes 2 x 2 bytes per
     float32 weight instead of 2 x 4; the update is approximate (bfloat16 keeps 8 significant
     bits: each stored moment is off by up to 2^-9 of itself), no longer equal to the plain loop's.
+    ``chunk_size`` (elements, default 2**20; None: off): from its second update on, a parameter
+    with more elements is updated slice by slice, so the update's temporaries (Adam allocates
+    sqrt(v) and the step, each the size of the parameter, plus the state cast up from
+    ``state_dtype``) hold one slice at a time; the update is element-wise, so the weights are
+    those of the whole-tensor update (tested in float64 and float32, bit for bit).
     """
     if max_grad_norm is not None:
         raise ValueError(
@@ -307,4 +387,4 @@ def optimizer_in_backward(
                 opt.state[p] = source_state[p]
             params.append(p)
             optimizers[p] = opt
-    return StepInBackward(params, optimizers, state_dtype=state_dtype)
+    return StepInBackward(params, optimizers, state_dtype=state_dtype, chunk_size=chunk_size)

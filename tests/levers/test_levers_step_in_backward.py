@@ -304,3 +304,76 @@ def test_state_in_bfloat16_halves_adam_state_and_survives_state_dict():
     assert moment_bytes(handle) == weights
     with pytest.raises(ValueError, match="floating-point"):
         optimizer_in_backward(nn.Linear(2, 2), torch.optim.Adam, state_dtype=torch.int8)
+
+
+CHUNKED = SETTINGS + [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls,settings", CHUNKED, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(CHUNKED)])
+def test_updates_in_slices_equal_whole_updates_bit_for_bit(cls, settings, dtype):
+    """chunk_size=7 splits every tensor of the mlp at odd offsets (16x8 = 128 -> 19 slices);
+    the weights and the state equal the whole-tensor updates exactly (tolerance 0)."""
+    a, b, data = pair("mlp", False)
+    a, b = a.to(dtype), b.to(dtype)
+    whole = optimizer_in_backward(a, cls, chunk_size=None, **settings)
+    sliced = optimizer_in_backward(b, cls, chunk_size=7, **settings)
+    for x, y in data + data:  # the first update creates the state whole; the later ones slice
+        loss_of(a, x.to(dtype), y).backward()
+        loss_of(b, x.to(dtype), y).backward()
+    assert_same(a, b, tol=0.0)
+    for p, q in zip(whole.params, sliced.params):
+        for key, value in whole.optimizers[p].state[p].items():
+            other = sliced.optimizers[q].state[q][key]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), key
+
+
+def test_slices_with_state_in_bfloat16_equal_whole_updates():
+    a, b, data = pair("mlp", False)
+    whole = optimizer_in_backward(a, torch.optim.Adam, chunk_size=None, state_dtype=torch.bfloat16, lr=1e-2)
+    optimizer_in_backward(b, torch.optim.Adam, chunk_size=5, state_dtype=torch.bfloat16, lr=1e-2)
+    for x, y in data + data:
+        loss_of(a, x, y).backward()
+        loss_of(b, x, y).backward()
+    assert_same(a, b, tol=0.0)
+    assert all(v.dtype == torch.bfloat16 for p in whole.params for v in whole.optimizers[p].state[p].values() if v.shape == p.shape)
+
+
+def test_a_lr_change_reaches_the_slices():
+    a, b, data = pair("mlp", False)
+    whole = optimizer_in_backward(a, torch.optim.Adam, chunk_size=None, lr=1e-2)
+    sliced = optimizer_in_backward(b, torch.optim.Adam, chunk_size=3, lr=1e-2)
+    for i, (x, y) in enumerate(data + data):
+        for handle in (whole, sliced):
+            for group in handle.param_groups:
+                group["lr"] = 1e-2 / (i + 1)
+        loss_of(a, x, y).backward()
+        loss_of(b, x, y).backward()
+    assert_same(a, b, tol=0.0)
+
+
+def _update_peak(chunk_size):
+    """Allocator peak (CPU profiler) of one Adam update of a 1024x1024 weight in backward, after
+    the update that created the state, above the gradient itself."""
+    from actcomp.memory.measure import _peak_of
+
+    layer = nn.Linear(1024, 1024, bias=False)
+    handle = optimizer_in_backward(layer, torch.optim.Adam, lr=1e-3, chunk_size=chunk_size)
+    x = torch.randn(1, 1024)
+    layer(x).sum().backward()  # creates the state
+    out = layer(x).sum()
+    peak, _ = _peak_of(out.backward, torch.device("cpu"))
+    assert handle.optimizers[layer.weight].state[layer.weight]["step"] == 2
+    return peak
+
+
+def test_slices_bound_the_update_temporaries():
+    """Adam's update allocates sqrt(v) and a quotient of the parameter's size: whole, the peak
+    above the 4 MiB gradient is at least 2 x 4 MiB; in slices of 2**16 elements (256 KiB) it
+    stays under 1 MiB above the gradient."""
+    grad = 1024 * 1024 * 4
+    whole, sliced = _update_peak(None), _update_peak(2**16)
+    assert whole >= grad + 2 * grad
+    assert sliced <= grad + 2**20
+    with pytest.raises(ValueError, match="chunk_size"):
+        optimizer_in_backward(nn.Linear(2, 2), torch.optim.Adam, chunk_size=0)
