@@ -1,7 +1,8 @@
 """Per-layer random draws for the sampled methods, reproducible from their carried state.
 
 A sampled method (``hosvd_unbiased``, ``svd_unbiased``) draws which tail directions it keeps at
-every step. Its per-layer state holds a seed (taken from torch's global generator when the layer
+every step, for the compressed layers only: the neighbours' factors (BatchNorm's x_hat) are its
+truncated twin's (``neighbour_method``; see :func:`actcomp.policies.factor_config`). Its per-layer state holds a seed (taken from torch's global generator when the layer
 is compressed, so ``torch.manual_seed`` makes a run reproducible) and a step count: step t's
 draw uses a generator seeded by (seed, t), so the same state draws the same directions (a copy
 of the state taken before a step reproduces that step's factors) and a saved state resumes the
@@ -11,7 +12,7 @@ sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,7 +52,17 @@ class Draws:
 
 
 class SampledCompressor(Compressor):
-    """Base of the methods that draw at every step: their per-layer state is a :class:`Draws`."""
+    """Base of the methods that draw at every step: their per-layer state is a :class:`Draws`.
+
+    ``truncated_neighbours``: the neighbours' factors come from ``neighbour_method`` (the
+    truncated decomposition of the same form) at the same eps, not from a draw. A sampled x_hat
+    would give BatchNorm a biased, heavy-tailed dX: its backward, dX = (w / sigma)(dY - mean(dY)
+    - x_hat mean(dY x_hat)), is quadratic in x_hat, so E[x~ mean(dY x~)] != x_hat mean(dY x_hat),
+    and a rescaled tail direction (weight 1 / p_i, p_i small) enters squared; the bias and
+    spread then pass through every earlier layer's dX. Only linear functions of the input (the
+    weight gradients dW = dY . X) stay unbiased under sampling."""
+
+    truncated_neighbours: ClassVar[bool] = True
 
     def new_state(self) -> Draws:
         """The layer's seed and draw count (a copy of it reproduces the next step's draw)."""

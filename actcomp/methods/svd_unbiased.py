@@ -23,6 +23,7 @@ class UnbiasedSVD(SampledCompressor):
     tail sampled and rescaled (E[left @ right] = the input)."""
 
     name = "svd_unbiased"
+    neighbour_method = "svd"
 
     def compress(self, x: Tensor, layout: InputLayout, state: Draws) -> LowRank:
         rows = math.prod(x.shape[: layout.sample_modes])

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from actcomp.core.config import CompressionConfig
 from actcomp.linalg.decompose import check_eps
+from actcomp.linalg.numerics import NonFiniteActivationError
 from actcomp.methods import InputLayout, method_class
 from actcomp.core.lookup import inherited_registration
 from actcomp.core.state import LayerState
@@ -189,17 +190,29 @@ class NeighbourState(LayerState):
 
     def factor(self, x: Tensor) -> Any:
         """Factors of x (batch mode first) by this state's method; stats recorded as
-        ``factors``."""
-        factors = self.compress(x, InputLayout(sample_modes=1))
+        ``factors``. x is this module's own temporary (x_hat, or its detached input), seen by no
+        other layer, so it does not go through the cache of shared factors
+        (:meth:`LayerState.compress`), which holds a tensor without grad_fn until the forward
+        ends: every BatchNorm's x_hat would stay alive through the whole forward."""
+        try:
+            factors = self.compressor.compress(x, InputLayout(sample_modes=1), self.method_state)
+        except NonFiniteActivationError:
+            raise FloatingPointError(
+                f"{self.describe()}: its input holds NaN or Inf, so no low-rank subspace exists; the training "
+                "run has diverged (lower the learning rate, check the data) or use Neighbours(batchnorm='keep')"
+            ) from None
         self.record(x, self.compressor.ranks(factors), factors.nbytes, method="factors")
-        self.runs -= 1  # compress() recorded this call already
         return factors
 
 
 def factor_config(config: CompressionConfig, neighbours: Neighbours) -> CompressionConfig:
-    """The settings of a neighbour's factors: compress's method when it tunes eps, else the
-    method it names for its neighbours (:attr:`Compressor.neighbour_method`); the neighbours'
-    eps when set, else compress's."""
+    """The settings of a neighbour's factors: compress's method when it tunes eps and factors
+    deterministically, else the method it names for its neighbours
+    (:attr:`Compressor.neighbour_method`: a method without eps, or a sampled method, whose
+    ``truncated_neighbours`` asks for its truncated twin, since BatchNorm's backward is quadratic
+    in x_hat and an unbiased x_hat would not give an unbiased dX); the neighbours' eps when
+    set, else compress's."""
     compressor_class = method_class(config.method)
-    method = config.method if compressor_class.knob == "eps" else compressor_class.neighbour_method
+    own = compressor_class.knob == "eps" and not getattr(compressor_class, "truncated_neighbours", False)
+    method = config.method if own else compressor_class.neighbour_method
     return CompressionConfig(method, neighbours.eps if neighbours.eps is not None else config.eps)

@@ -98,3 +98,34 @@ def test_seed_follows_torch_manual_seed():
     b = Draws.fresh()
     assert a == b
     assert a.next_generator().initial_seed() != a.next_generator().initial_seed()
+
+
+@pytest.mark.parametrize("method", ["hosvd_unbiased", "svd_unbiased"])
+def test_batchnorm_gets_the_truncated_twins_factors_and_only_the_layers_draw(method):
+    """BatchNorm's backward is quadratic in x_hat, so its factors are truncated (the twin
+    method's), not drawn: dX through it and its own gradients equal those of the model
+    compressed with the truncated twin, at every step, while the layers' dW are drawn."""
+    twin = method.removesuffix("_unbiased")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1)).double()
+    truncated = copy.deepcopy(model)
+    actcomp.compress(model, config=actcomp.CompressionConfig(method, 0.7))
+    actcomp.compress(truncated, config=actcomp.CompressionConfig(twin, 0.7))
+    assert actcomp.layer_state(model[1]).config == actcomp.CompressionConfig(twin, 0.7)
+    x = smooth(10, 3, 8, 8)
+    dy = torch.randn(10, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    conv_grads = []
+    for _ in range(2):  # two steps: two draws for the layers, the same truncation for BatchNorm
+        grads = []
+        for m in (model, truncated):
+            m.zero_grad()
+            xi = x.clone().requires_grad_()
+            m(xi).backward(dy)
+            grads.append((xi.grad, m[1].weight.grad, m[1].bias.grad, m[0].weight.grad, m[3].weight.grad))
+        (gx, gw, gb, g0, g3), (gx_t, gw_t, gb_t, g0_t, g3_t) = grads
+        assert actcomp.layer_state(model[1]).stats().ranks == actcomp.layer_state(truncated[1]).stats().ranks
+        for ours, theirs in ((gx, gx_t), (gw, gw_t), (gb, gb_t)):
+            assert rel_err(ours, theirs) < 1e-10
+        assert rel_err(g3, g3_t) > 1e-6  # the last conv's input is drawn, not truncated
+        conv_grads.append(g3)
+    assert rel_err(conv_grads[0], conv_grads[1]) > 1e-6  # a new draw each step

@@ -113,3 +113,24 @@ def test_training_batchnorm_holds_at_most_two_tensors_of_its_input_size():
     dy = torch.randn_like(out["y"])
     peak, _ = _peak_of(lambda: out["y"].backward(dy), torch.device("cpu"))
     assert peak < 1.5 * size  # x_hat, which becomes dX
+
+
+@pytest.mark.parametrize("policy", ["factors", "input"])
+def test_what_batchnorm_factors_is_not_held_past_its_own_forward(policy):
+    """x_hat (or the detached input) is BatchNorm's own temporary: it must not enter the cache of
+    shared factors, which holds a tensor without grad_fn until the forward ends (every x_hat of
+    the model alive at once: on the demo's model the step's peak doubled)."""
+    from actcomp.core import state as core_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()
+    ).double()
+    actcomp.compress(model, eps=0.9, neighbours=actcomp.Neighbours(batchnorm=policy))
+    held = []  # entries each BatchNorm's forward added to the cache of leaves
+    for bn in (model[1], model[4]):
+        bn.register_forward_pre_hook(lambda *_: held.append(-len(core_state._SCOPE.leaves)))
+        bn.register_forward_hook(lambda *_: held.append(held.pop() + len(core_state._SCOPE.leaves)))
+    model(torch.randn(4, 3, 8, 8, dtype=torch.float64)).sum().backward()
+    assert held == [0, 0]
+    assert actcomp.layer_state(model[4]).stats().method == "factors"

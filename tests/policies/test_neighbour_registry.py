@@ -138,6 +138,11 @@ def test_factor_config_names_the_method_from_the_method_registry(monkeypatch):
     assert factor_config(CompressionConfig("gradient_filter", 0.8), Neighbours()) == CompressionConfig("svd", 0.8)
 
 
+def test_a_sampled_method_gives_its_neighbours_its_truncated_twin():
+    assert factor_config(CompressionConfig("hosvd_unbiased", 0.9), Neighbours()) == CompressionConfig("hosvd", 0.9)
+    assert factor_config(CompressionConfig("svd_unbiased", 0.9), Neighbours(eps=0.95)) == CompressionConfig("svd", 0.95)
+
+
 @pytest.mark.parametrize("bad", ["ReLU", 42, int])
 def test_register_neighbour_refuses_what_is_not_a_module_type_or_a_qualified_name(bad):
     with pytest.raises(TypeError, match="nn.Module subclass or its qualified name"):
