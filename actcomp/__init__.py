@@ -24,13 +24,14 @@ from actcomp.core.state import LayerState
 from actcomp.devices import DeviceProfile, list_devices, load_device
 from actcomp.memory import MemoryReport, SavedTensors, count_saved, measure
 from actcomp.memory.plan import LayerChoice, Plan, plan
-from actcomp.memory.fit import BudgetExceededError, FitChoice, FitReport, FittedStep, fit
+from actcomp.memory.fit import EXACT_POLICIES, BudgetExceededError, FitChoice, FitReport, FittedStep, fit
 from actcomp.levers import checkpoint_blocks, freeze_batchnorm, microbatch_step, optimizer_in_backward
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BudgetExceededError",
+    "EXACT_POLICIES",
     "FitChoice",
     "FitReport",
     "FittedStep",

@@ -13,6 +13,9 @@ step time whose total fits the budget and whose gradient error stays within ``ma
   extra forward, exact;
 * the optimizer step in backward (:mod:`actcomp.levers.step_in_backward`): the parameter
   gradients are never all alive, exact for the element-wise optimizers;
+* exact policies (:data:`EXACT_POLICIES`: :func:`actcomp.compress` with method ``"none"``):
+  the layers keep their inputs, but ReLU-family activations keep 1-bit masks, max-pools
+  uint8 window positions, average pools nothing, instead of float tensors; exact;
 * compression (:func:`actcomp.compress` of every trainable layer, with the default neighbour
   policies; with recompute, of those outside the recomputed blocks, which keep nothing inside
   anyway): what autograd keeps -> factors, approximate below eps 1; used only when the exact
@@ -53,8 +56,19 @@ from actcomp.levers.step_in_backward import EXACT_OPTIMIZERS, StepInBackward, op
 from actcomp.memory.format import aligned_table
 from actcomp.memory.measure import _optimizer_state_bytes, _peak_of, format_bytes, rebuilt_optimizer
 from actcomp.memory.plan import parse_bytes
+from actcomp.policies.base import Neighbours
 
-__all__ = ["BudgetExceededError", "FitChoice", "FitReport", "FittedStep", "fit"]
+__all__ = ["BudgetExceededError", "EXACT_POLICIES", "FitChoice", "FitReport", "FittedStep", "fit"]
+
+#: fit's ``"exact_policies"`` lever: every layer plain (it keeps its input) with actcomp's exact
+#: neighbour policies around it (ReLU-family bit masks, max-pool uint8 indices, nothing for
+#: average pools, BatchNorm's input itself): no gradient error, no headroom needed.
+EXACT_POLICIES = CompressionConfig("none", 1.0)
+
+
+def _approximate(compression: CompressionConfig | None) -> bool:
+    """Compression that changes the gradients (anything but None and the exact policies)."""
+    return compression is not None and compression != EXACT_POLICIES
 
 
 class BudgetExceededError(MemoryError):
@@ -86,8 +100,8 @@ class FitChoice:
 
     @property
     def exact(self) -> bool:
-        """No compression, no gradient error and the optimizer state in full precision."""
-        return self.compression is None and self.grad_error == 0.0 and self.state_dtype is None
+        """No approximate compression, no gradient error and the optimizer state in full precision."""
+        return not _approximate(self.compression) and self.grad_error == 0.0 and self.state_dtype is None
 
     def describe(self) -> str:
         parts = []
@@ -97,8 +111,10 @@ class FitChoice:
             parts.append(f"recompute {len(self.recompute)} blocks")
         if self.step_in_backward:
             parts.append("step in backward" + (f" (state {str(self.state_dtype).removeprefix('torch.')})" if self.state_dtype else ""))
-        if self.compression is not None:
-            where = " outside them" if self.recompute else ""
+        where = " outside them" if self.recompute else ""
+        if self.compression == EXACT_POLICIES:
+            parts.append(f"exact policies{where}")
+        elif self.compression is not None:
             parts.append(f"{self.compression.method} eps {self.compression.eps:g}{where}")
         return ", ".join(parts) or "plain"
 
@@ -155,7 +171,7 @@ class FitReport:
 
     def fits(self, choice: FitChoice) -> bool:
         """Within the budget (compressed choices with ``headroom`` to spare) and ``max_error``."""
-        limit = self.budget_bytes if choice.compression is None else int(self.budget_bytes * (1.0 - self.headroom))
+        limit = int(self.budget_bytes * (1.0 - self.headroom)) if _approximate(choice.compression) else self.budget_bytes
         return choice.total_bytes <= limit and choice.grad_error <= self.max_error
 
     @property
@@ -201,7 +217,9 @@ class _Applied:
         self.in_backward: StepInBackward | None = None
         if choice.compression is not None:  # inside a recomputed block nothing is kept: no use compressing there
             layers = (lambda name, _: not _inside(name, choice.recompute)) if choice.recompute else "all"
-            compress(model, layers, config=choice.compression, sample=_inputs_of(sample, loss_fn))
+            # the exact policies keep BatchNorm's input itself (its default factors are exact only at eps 1, up to rounding)
+            neighbours: Neighbours | str = Neighbours(batchnorm="keep") if choice.compression == EXACT_POLICIES else "auto"
+            compress(model, layers, config=choice.compression, neighbours=neighbours, sample=_inputs_of(sample, loss_fn))
         if choice.recompute:
             self.recompute = checkpoint_blocks(model, list(choice.recompute))
         if choice.step_in_backward:
@@ -453,7 +471,7 @@ class _Calibration:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 applied.backward(self.batch)
-            exact = compression is None and (micro_batches == 1 or self.frozen_batchnorm or not batch_statistics_modules(model))
+            exact = not _approximate(compression) and (micro_batches == 1 or self.frozen_batchnorm or not batch_statistics_modules(model))
             self.errors[key] = 0.0 if exact else _relative_error(_grads(model), self.plain_gradient())
             applied.remove()
         return self.errors[key]
@@ -551,7 +569,7 @@ def fit(
     eps_grid: Sequence[float] = (0.99, 0.95, 0.9),
     method: str = "hosvd",
     headroom: float = 0.1,
-    allow: Sequence[str] = ("micro_batches", "recompute", "step_in_backward", "compression"),
+    allow: Sequence[str] = ("micro_batches", "recompute", "step_in_backward", "exact_policies", "compression"),
     freeze_batchnorm: bool = False,
     timing_steps: int = 2,
     retime_rounds: int = 2,
@@ -569,7 +587,9 @@ def fit(
     ``retime_rounds`` alternating rounds; the originals are left as they were and take no update):
     if plain autograd fits, the step is plain; otherwise, among the exact combinations
     (micro-batches k in powers of two, recompute of :func:`~actcomp.levers.auto_blocks`, the
-    step in backward for the element-wise optimizers) and, with ``method`` at each eps of
+    step in backward for the element-wise optimizers; where a combination needs micro-batches
+    or fits with none, the same with :data:`EXACT_POLICIES` at fewer micro-batches) and, with
+    ``method`` at each eps of
     ``eps_grid`` whose gradient error ||g - g_plain|| / ||g_plain|| is at most ``max_error``,
     the compressed ones (which must fit within (1 - ``headroom``) of the budget), the one with
     the least measured step time. ``freeze_batchnorm=True`` runs every BatchNorm on its running
@@ -591,7 +611,7 @@ def fit(
         raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
     if not 0.0 <= max_error:
         raise ValueError(f"max_error must be >= 0, got {max_error!r}")
-    known = {"micro_batches", "recompute", "step_in_backward", "compression", "bf16_state"}
+    known = {"micro_batches", "recompute", "step_in_backward", "exact_policies", "compression", "bf16_state"}
     if set(allow) - known:
         raise ValueError(f"allow names unknown levers {sorted(set(allow) - known)}; known: {sorted(known)}")
     size = _batch_size(batch)
@@ -636,7 +656,11 @@ def fit(
     outside = not blocks or any(not _inside(n, blocks) for n in select_layers(model, "all"))
     compressed_combos = [c for c in combos if outside or not c[0]]
     for recompute, in_backward, state_dtype in combos:  # the fewest micro-batches that fit, per combination
-        _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None, state_dtype), counts, budget_bytes)
+        found = _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None, state_dtype), counts, budget_bytes)
+        if "exact_policies" in allow and (recompute, in_backward, state_dtype) in compressed_combos and (found is None or found.micro_batches > 1):
+            # the exact policies keep less at each count: tried only below the count found without them
+            fewer = [k for k in counts if found is None or k < found.micro_batches]
+            _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, EXACT_POLICIES, state_dtype), fewer, budget_bytes)
     if "compression" in allow:
         fastest_exact = min((c.step_ms for c in calibration.measured.values() if fits(c)), default=math.inf)
         for eps in sorted(eps_grid, reverse=True):
@@ -650,7 +674,7 @@ def fit(
         what = FitChoice(k, recompute, in_backward, compression, 0, 0, 0.0, 0.0, state_dtype).describe()
         notes.append(f"{what}: cannot run on this batch ({error}): not considered")
     for choice in calibration.measured.values():
-        if choice.compression is not None and choice.grad_error > max_error and choice.total_bytes <= compressed_limit:
+        if _approximate(choice.compression) and choice.grad_error > max_error and choice.total_bytes <= compressed_limit:
             notes.append(f"{choice.describe()}: gradient error {choice.grad_error:.3g} > max_error {max_error:g}")
     # every measured combination that fits is a candidate, not only each search's last:
     # the fastest of them is applied
@@ -680,12 +704,12 @@ def _infeasible(calibration: _Calibration, budget_bytes: int, compressed_limit: 
         f"{format_bytes(resident - calibration.resident + calibration.state)}, buffers {format_bytes(calibration.buffers)}, batch "
         f"{format_bytes(calibration.batch_bytes)}) + peak {format_bytes(smallest.peak_bytes)}"
     )
-    too_inexact = [c for c in measured if c.grad_error > max_error and c.total_bytes <= (budget_bytes if c.compression is None else compressed_limit)]
+    too_inexact = [c for c in measured if c.grad_error > max_error and c.total_bytes <= (compressed_limit if _approximate(c.compression) else budget_bytes)]
     if too_inexact:
         best = min(too_inexact, key=lambda c: c.grad_error)
         text += (
             f"; {best.describe()} fits at {format_bytes(best.total_bytes)} but with gradient error {best.grad_error:.3g}"
-            + (" (micro-batches through BatchNorm in train mode: freeze_batchnorm=True makes them exact)" if best.compression is None else "")
+            + ("" if _approximate(best.compression) else " (micro-batches through BatchNorm in train mode: freeze_batchnorm=True makes them exact)")
         )
     return text
 

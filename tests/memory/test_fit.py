@@ -342,3 +342,53 @@ def test_the_gradient_error_of_compression_outside_recompute_is_its_own():
     outside = calibration.measure(1, ("0", "1"), False, config)  # only the head is compressed
     assert everywhere.grad_error > outside.grad_error  # not the cached error of compressing every layer
     assert calibration.measure(1, ("0", "1"), False, None).grad_error == 0.0
+
+
+def relu_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).double()
+
+
+def test_exact_policies_fit_with_the_plain_weights():
+    """Bit masks for ReLU, uint8 indices for max-pool, nothing for the average pool: fewer bytes
+    than plain autograd with no gradient error; the weights after steps are the plain loop's."""
+    model = relu_cnn()
+    reference = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(32, 3, 16, 16, generator=generator, dtype=torch.float64), torch.randint(0, 10, (32,), generator=generator)) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    total = plain_total(model, *batches[0])
+    budget = int(total * 0.9)
+    step = actcomp.fit(model, optimizer, budget, batches[0], F.cross_entropy, allow=("exact_policies",), max_error=0.0)
+    chosen = step.report.chosen
+    assert chosen.compression == actcomp.EXACT_POLICIES and chosen.exact and chosen.grad_error == 0.0
+    assert chosen.describe() == "exact policies" and chosen.total_bytes <= budget
+    for xb, yb in batches:
+        step(xb, yb)
+    assert step.report.measured_total_bytes <= budget
+    plain_steps(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), batches)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    step.remove()
+    assert not actcomp.compressed_layers(model)
+
+
+def test_exact_policies_are_tried_only_below_the_micro_batches_found_without_them():
+    model = relu_cnn()
+    generator = torch.Generator().manual_seed(2)
+    batch = (torch.randn(32, 3, 16, 16, generator=generator, dtype=torch.float64), torch.randint(0, 10, (32,), generator=generator))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = plain_total(model, *batch)
+    report = actcomp.fit(
+        model, optimizer, int(total * 0.6), batch, F.cross_entropy, allow=("micro_batches", "exact_policies"), freeze_batchnorm=True
+    ).report
+    without = [c for c in report.candidates if c.compression is None and report.fits(c)]
+    found = min(c.micro_batches for c in without)
+    assert found > 1
+    tried = [c.micro_batches for c in report.candidates if c.compression == actcomp.EXACT_POLICIES]
+    assert tried and max(tried) < found
+    assert report.chosen.exact
