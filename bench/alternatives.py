@@ -21,7 +21,8 @@ Variants: plain; recompute of every block (``checkpoint_blocks(model, "auto")``)
 with k = 2, 4, 8 (gradients accumulated; BatchNorm in train mode normalises each micro-batch
 by its own statistics, so it is exact only with ``--freeze-batchnorm`` or without BatchNorm:
 the error column says it); the optimizer step in backward, alone and with recompute of every
-block (and, with ``--bf16-state``, with its moments stored in bfloat16: approximate updates,
+block, and that with the exact policies outside the blocks (``actcomp.EXACT_POLICIES``: bit
+masks, uint8 pooling indices; exact) (and, with ``--bf16-state``, with its moments stored in bfloat16: approximate updates,
 fit may then choose it too); compression alone
 (``actcomp.compress(model, "all", method="hosvd", eps=0.9)``); hosvd 0.9 + 4 micro-batches;
 and :func:`actcomp.fit` (defaults: max_error 0.1, eps 0.99/0.95/0.9, headroom 0.1) at 0.7, 0.5,
@@ -71,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 import actcomp  # noqa: E402
 import actcomp.memory.fit as fit_module  # noqa: E402
 from actcomp.levers.recompute import auto_blocks  # noqa: E402
-from actcomp.memory.fit import BudgetExceededError, FitChoice, _Applied, _Calibration, _grads, _key  # noqa: E402
+from actcomp.memory.fit import EXACT_POLICIES, BudgetExceededError, FitChoice, _Applied, _approximate, _Calibration, _grads, _key  # noqa: E402
 from actcomp.memory.measure import format_bytes  # noqa: E402
 from common import machine, markdown_table, publish  # noqa: E402
 
@@ -146,7 +147,7 @@ def run_fit(model: nn.Module, calibration: _Calibration, optimizer_kind: str, bu
     x, y = calibration.batch
     try:
         with shared(calibration):
-            allow = ("micro_batches", "recompute", "step_in_backward", "compression") + (("bf16_state",) if args.bf16_state else ())
+            allow = ("micro_batches", "recompute", "step_in_backward", "exact_policies", "compression") + (("bf16_state",) if args.bf16_state else ())
             step = actcomp.fit(copied, optimizer, budget, calibration.batch, F.cross_entropy, freeze_batchnorm=args.freeze_batchnorm, allow=allow)
     except ValueError as error:
         if str(error).startswith("no combination"):  # fit's own answer to an infeasible budget
@@ -205,6 +206,7 @@ def one_model(name: str, args: argparse.Namespace) -> tuple[str, list[str]]:
         *[(f"{k} micro-batches", (k, (), False, None)) for k in (2, 4, 8) if k <= args.batch],
         ("step in backward", (1, (), True, None)),
         ("recompute every block + step in backward", (1, blocks, True, None)),
+        ("recompute every block + step in backward + exact policies", (1, blocks, True, EXACT_POLICIES)),
         *([("step in backward, state bf16 (approximate)", (1, (), True, None, torch.bfloat16))] if args.bf16_state else []),
         ("hosvd eps 0.9", (1, (), False, hosvd)),
         ("hosvd eps 0.9 + 4 micro-batches", (4, (), False, hosvd)),
@@ -251,12 +253,12 @@ def one_model(name: str, args: argparse.Namespace) -> tuple[str, list[str]]:
         return f"{c.total_bytes / plain.total_bytes:.3f} of plain, {c.step_ms / plain.step_ms:.2f}x, error {c.grad_error:.3g}"
 
     for label, c in candidates:
-        if c.compression is None or _key(c) in seen:
+        if not _approximate(c.compression) or _key(c) in seen:
             continue
         seen.add(_key(c))
         beaten, inexact = [], []
         for other_label, o in rows.items():
-            if o.compression is not None or o.total_bytes > c.total_bytes * 1.01:
+            if _approximate(o.compression) or o.total_bytes > c.total_bytes * 1.01:
                 continue
             faster, closer = o.step_ms < c.step_ms, o.grad_error < c.grad_error
             if o.grad_error == 0.0:
@@ -293,8 +295,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--freeze-batchnorm", action="store_true", help="BatchNorm on running statistics (fit's freeze_batchnorm=True)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batch (default 0)")
-    parser.add_argument("--budgets", type=lambda text: tuple(float(f) for f in text.split(",")), default=BUDGETS,
-                        help="fractions of plain's device total fit is run at (default 0.7,0.5,0.25,0.1)")
+    parser.add_argument("--budgets", type=lambda text: () if text == "none" else tuple(float(f) for f in text.split(",")), default=BUDGETS,
+                        help="fractions of plain's device total fit is run at (default 0.7,0.5,0.25,0.1; none: no fit rows)")
     parser.add_argument("--other-batches", type=int, default=20, help="batches besides the calibration one each fitted step is measured on (default 20)")
     parser.add_argument("--bf16-state", action="store_true", help="let fit store the optimizer moments in bfloat16 (allow 'bf16_state'; approximate)")
     parser.add_argument("--key", default="alternatives", help="BENCHMARKS.md section (default alternatives)")
