@@ -108,13 +108,15 @@ def _demo(args: argparse.Namespace) -> int:
         raise ValueError("--fit sets the budget of the every-layer fit run, which --no-every skips")
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     check_layers(args.layers)
     _check_training_numbers(args)
     out = check_output_dir(args.out)
     rows, chosen = run_demo(
         layers=args.layers, eps=args.eps, budget=args.budget, pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-        device=args.torch_device, whole_step=not args.no_every, every_eps=args.every_eps, fit_budget=args.fit,
+        device=args.torch_device, whole_step=not args.no_every, every_eps=args.every_eps, fit_budget=args.fit, seeds=args.seeds,
     )
     print("Fine-tuning TinyMobileNet on digits 5-9 after pretraining on 0-4 (scikit-learn digits, 32x32)")
     print(format_table(rows))
@@ -473,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default 6; vit 20)")
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seeds", type=int, default=3,
+                      help="mobilenet: fine-tuning seeds per run (seed, seed+1, ...); accuracy is their mean (lowest-highest) (default 3)")
     demo.add_argument("--out", default="actcomp-demo", help="directory for demo.png, demo.json, plan.json (vit: demo_vit.json)")
     demo.add_argument("--device", metavar="TORCH_DEVICE", help="mobilenet: torch device to train and measure on: cpu (default), cuda, cuda:N, mps")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")

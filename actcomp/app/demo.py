@@ -26,7 +26,7 @@ from actcomp.core.config import CompressionConfig
 from actcomp.app.data import digits, split
 from actcomp.attach import compress, select_layers, stats
 from actcomp.memory import format_bytes, measure
-from actcomp.memory.fit import FitReport, fit
+from actcomp.memory.fit import FitChoice, FitReport, compress_as_fit, fit
 from actcomp.memory.plan import Plan, plan
 from actcomp.app.models import TinyMobileNet, train_only
 from actcomp.memory.format import aligned_table
@@ -41,10 +41,19 @@ class DemoRow:
     layer_bytes: int  # what the fine-tuned layers kept (factors, or inputs for plain)
     saved_bytes: int  # everything autograd kept in one training step
     peak_bytes: int | None  # allocator high-water mark of one step
-    accuracy: float
+    accuracy: float  # mean over the fine-tuning seeds
     step_ms: float
     peak_set_by_forward: bool | None = None  # the peak is a forward's, not what backward keeps
     note: str = ""  # printed under the table (the fit run: its levers and device totals)
+    accuracies: tuple[float, ...] = ()  # one per fine-tuning seed
+
+    @property
+    def accuracy_text(self) -> str:
+        """Mean test accuracy, with the lowest and highest over the seeds when there are several."""
+        text = f"{100 * self.accuracy:.1f}%"
+        if len(self.accuracies) > 1:
+            text += f" ({100 * min(self.accuracies):.1f}-{100 * max(self.accuracies):.1f})"
+        return text
 
 
 @dataclass(frozen=True)
@@ -159,12 +168,14 @@ def finetune_copy(task: Task, names: list[str], config: CompressionConfig | Plan
 
 
 def finetune_fitted(
-    task: Task, names: list[str], budget: str | None, fraction: float, epochs: int, batch_size: int, seed: int, progress: bool
+    task: Task, names: list[str], budget: str | None, fraction: float, epochs: int, batch_size: int, seed: int, progress: bool,
+    levers: FitChoice | None = None,
 ) -> tuple[nn.Module, list[float], FitReport]:
     """A copy of the pretrained model, the layers ``names`` trained with Adam, each step as
     :func:`actcomp.fit` makes it fit ``budget`` (default: ``fraction`` of plain autograd's
     device total, as fit measures it) on the first batch; BatchNorm on its running statistics
-    (the usual fine-tuning setting, which makes micro-batching exact)."""
+    (the usual fine-tuning setting, which makes micro-batching exact). ``levers``: fit those
+    (checked against the budget) instead of searching, e.g. another seed's choice."""
     model = train_only(copy.deepcopy(task.base), names)
     first = (task.train_x[:batch_size].to(task.device), task.train_y[:batch_size].to(task.device))
     if budget is None:
@@ -173,7 +184,7 @@ def finetune_fitted(
                     freeze_batchnorm=True, retime_rounds=0).report.plain.total_bytes
         budget = format_bytes(int(plain * fraction))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    step = fit(model, optimizer, budget, first, nn.functional.cross_entropy, freeze_batchnorm=True)
+    step = fit(model, optimizer, budget, first, nn.functional.cross_entropy, freeze_batchnorm=True, levers=levers)
     step_ms = _timed_steps(
         lambda xb, yb: float(step(xb, yb)), task.train_x, task.train_y, epochs, batch_size, seed,
         f"fine-tune 5-9 (fit in {budget})", progress, task.device,
@@ -207,6 +218,7 @@ def run_demo(
     every_eps: float = 0.95,
     fit_budget: str | None = None,
     fit_fraction: float = 0.25,
+    seeds: int = 3,
 ) -> tuple[list[DemoRow], Plan]:
     """Pretrain on digits 0-4, fine-tune the last ``layers`` layers on 5-9: plain, HOSVD at
     ``eps``, and HOSVD with the eps per layer that :func:`plan` picks for ``budget`` (bytes
@@ -216,8 +228,14 @@ def run_demo(
     0.9 the fine-tuning collapses on this task), and every layer trained with each step as
     :func:`actcomp.fit` makes it fit ``fit_budget`` (default: ``fit_fraction`` of plain's
     device total; BatchNorm frozen, :func:`finetune_fitted`). All on the torch ``device``
-    (default CPU; the peak is then the device allocator's). Everything is seeded. Returns the
-    rows and the plan."""
+    (default CPU; the peak is then the device allocator's). Everything is seeded: the model is
+    pretrained once (``seed``), and every run fine-tunes it with ``seeds`` seeds (seed, seed + 1,
+    ...: the order of the batches); a row's accuracy is their mean and ``accuracies`` each
+    (one seed's accuracy moves by points with the batch order alone), its bytes are measured
+    on the first seed's model, its step time is the median over all of them; the fit run
+    searches on the first seed and reuses its levers. Returns the rows and the plan."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a whole number >= 1, got {seeds!r}")
     task = make_task(pretrain_epochs, batch_size, seed, progress, device)
     names = last_layers(task, layers)
     calib = [(task.train_x[:batch_size].to(task.device), task.train_y[:batch_size].to(task.device))]
@@ -237,16 +255,29 @@ def run_demo(
     rows = []
     for method, run_names, config, eps_text in runs:
         note = ""
-        if config is None:  # the fitted run
-            model, step_ms, fitted = finetune_fitted(task, run_names, fit_budget, fit_fraction, finetune_epochs, batch_size, seed, progress)
+        models, step_ms, reports = [], [], []
+        for run_seed in range(seed, seed + seeds):
+            if config is None:  # the fitted run: the first seed searches, the others take its levers
+                first = reports[0] if reports else None
+                model, times, report = finetune_fitted(
+                    task, run_names, fit_budget or (first and format_bytes(first.budget_bytes)), fit_fraction, finetune_epochs,
+                    batch_size, run_seed, progress, levers=first and first.chosen,
+                )
+                reports.append(report)
+            else:
+                model, times = finetune_copy(task, run_names, config, finetune_epochs, batch_size, run_seed, progress)
+            models.append(model)
+            step_ms += times
+        accuracies = tuple(accuracy(m, task.test_x, task.test_y) for m in models)
+        model = models[0]
+        if config is None:
+            fitted = reports[0]
             budget_text = fit_budget or format_bytes(fitted.budget_bytes)
             method, note = f"fit in {budget_text}", _fit_note(budget_text, fitted)
             compression = fitted.chosen.compression
             eps_text = f"{compression.eps:g}" if compression is not None else "1"
             if compression is not None:  # measure what the chosen compression keeps
-                compress(model, "all", config=compression)
-        else:
-            model, step_ms = finetune_copy(task, run_names, config, finetune_epochs, batch_size, seed, progress)
+                compress_as_fit(model, compression)
         # the fitted step keeps one micro-batch's graph at a time: what autograd keeps is measured on one
         chunk = -(-batch_size // fitted.chosen.micro_batches) if config is None else batch_size
         report = measure(model, calib[0][0][:chunk], calib[0][1][:chunk], nn.functional.cross_entropy, vanilla=False)
@@ -260,10 +291,11 @@ def run_demo(
                 layer_bytes=sum(s.kept_bytes for s in stats(model).values()),
                 saved_bytes=report.saved_bytes,
                 peak_bytes=peak,
-                accuracy=accuracy(model, task.test_x, task.test_y),
+                accuracy=statistics.fmean(accuracies),
                 step_ms=statistics.median(step_ms),
                 peak_set_by_forward=report.peak_set_by_forward,
                 note=note,
+                accuracies=accuracies,
             )
         )
     return rows, chosen
@@ -275,7 +307,7 @@ def format_table(rows: list[DemoRow]) -> str:
     lines = [
         (
             r.method, str(r.layers), r.eps, format_bytes(r.layer_bytes), format_bytes(r.saved_bytes),
-            format_bytes(r.peak_bytes) if r.peak_bytes is not None else "n/a", f"{100 * r.accuracy:.1f}%", f"{r.step_ms:.1f}",
+            format_bytes(r.peak_bytes) if r.peak_bytes is not None else "n/a", r.accuracy_text, f"{r.step_ms:.1f}",
         )
         for r in rows
     ]

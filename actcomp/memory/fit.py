@@ -66,6 +66,15 @@ __all__ = ["BudgetExceededError", "EXACT_POLICIES", "FitChoice", "FitReport", "F
 EXACT_POLICIES = CompressionConfig("none", 1.0)
 
 
+def compress_as_fit(model: nn.Module, compression: CompressionConfig, layers: Any = "all", sample: Any = None) -> nn.Module:
+    """:func:`actcomp.compress` as fit applies ``compression`` (a chosen
+    ``FitChoice.compression``): :data:`EXACT_POLICIES` with BatchNorm keeping its input itself
+    (its default factors of x_hat are exact only at eps 1, up to rounding), anything else with
+    the default neighbour policies."""
+    neighbours: Neighbours | str = Neighbours(batchnorm="keep") if compression == EXACT_POLICIES else "auto"
+    return compress(model, layers, config=compression, neighbours=neighbours, sample=sample)
+
+
 def _approximate(compression: CompressionConfig | None) -> bool:
     """Compression that changes the gradients (anything but None and the exact policies)."""
     return compression is not None and compression != EXACT_POLICIES
@@ -217,9 +226,7 @@ class _Applied:
         self.in_backward: StepInBackward | None = None
         if choice.compression is not None:  # inside a recomputed block nothing is kept: no use compressing there
             layers = (lambda name, _: not _inside(name, choice.recompute)) if choice.recompute else "all"
-            # the exact policies keep BatchNorm's input itself (its default factors are exact only at eps 1, up to rounding)
-            neighbours: Neighbours | str = Neighbours(batchnorm="keep") if choice.compression == EXACT_POLICIES else "auto"
-            compress(model, layers, config=choice.compression, neighbours=neighbours, sample=_inputs_of(sample, loss_fn))
+            compress_as_fit(model, choice.compression, layers, sample=_inputs_of(sample, loss_fn))
         if choice.recompute:
             self.recompute = checkpoint_blocks(model, list(choice.recompute))
         if choice.step_in_backward:

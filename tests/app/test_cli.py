@@ -23,6 +23,7 @@ def test_help_runs():
     [
         (["demo", "--eps", "1.5"], "eps must be a number in (0, 1]"),
         (["demo", "--layers", "0"], "--layers must be at least 1"),
+        (["demo", "--seeds", "0"], "--seeds must be at least 1"),
         (["demo", "--budget", "lots"], "budget must be a number of bytes"),
         (["finetune", "--model", "alexnet9000"], "unknown model 'alexnet9000'"),
         (["finetune", "--data", "/no/such/dir"], "data directory '/no/such/dir' does not exist"),
@@ -43,7 +44,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
 
 def test_demo_runs_and_compression_keeps_less(tmp_path, capsys):
     # --fit above plain's total: the fit run measures plain only (fit's search is tested in tests/memory)
-    assert main(["demo", *QUICK, "--fit", "1GiB", "--out", str(tmp_path)]) == 0
+    assert main(["demo", *QUICK, "--seeds", "2", "--fit", "1GiB", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "hosvd, plan for 2.5MiB" in printed and "kept by autograd" in printed
     plain, hosvd, planned, every_plain, every, fitted = json.loads((tmp_path / "demo.json").read_text())
@@ -57,6 +58,11 @@ def test_demo_runs_and_compression_keeps_less(tmp_path, capsys):
     assert fitted["method"].startswith("fit in ") and fitted["layers"] == every_plain["layers"]
     assert "plain autograd's device total" in printed and "fit chose" in printed and "first real step measured" in printed
     assert (tmp_path / "demo.png").stat().st_size > 10_000 and (tmp_path / "plan.json").exists()
+    # accuracy over two fine-tuning seeds: each seed's, their mean, and the spread printed
+    for row in (plain, hosvd, planned, every_plain, every, fitted):
+        assert len(row["accuracies"]) == 2 and row["accuracy"] == pytest.approx(sum(row["accuracies"]) / 2)
+    low, high = min(every["accuracies"]), max(every["accuracies"])
+    assert f"({100 * low:.1f}-{100 * high:.1f})" in printed
 
 
 def test_measure_and_plan_commands(capsys, tmp_path):
