@@ -19,14 +19,19 @@ anyway: sqrt(bias^2 + spread^2 / horizon) / (noise / sqrt(horizon)).
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["GradientErrorStats", "gradient_error_stats", "per_tensor_error_stats"]
+if TYPE_CHECKING:
+    from actcomp.core.config import CompressionConfig
+
+__all__ = ["GradientErrorStats", "calibration_gradients", "gradient_error_stats", "median_layer_bias", "per_tensor_error_stats"]
 
 
 def _flat_pair(estimate: Sequence[Tensor | None], exact: Sequence[Tensor | None]) -> tuple[Tensor, Tensor]:
@@ -109,3 +114,97 @@ def per_tensor_error_stats(
         except ValueError:
             out.append(None)
     return out
+
+
+def calibration_gradients(
+    model: nn.Module,
+    estimate: "CompressionConfig | nn.Module",
+    batches: Any,
+    loss_fn: Callable | None = None,
+    *,
+    chunks: int | None = None,
+    micro_batches: int = 1,
+) -> tuple[list[list[Tensor | None]], list[list[Tensor | None]]]:
+    """Per-batch gradients of an approximate step and of its exact counterpart, from the same
+    weights: (estimates, exact), one list of trainable-parameter gradients per batch.
+
+    ``model``: the model as it trains (left untouched: both sides run on deep copies, BatchNorm
+    statistics included). ``estimate``: a :class:`~actcomp.CompressionConfig` (every layer of a
+    copy of ``model`` compressed with it) or a compressed model (e.g. with its own layers or
+    neighbours; a deep copy of it runs, so it is left untouched too). ``batches``: a list of batches in any
+    form :func:`actcomp.fit` takes (a tensor, ``(inputs..., targets)`` with ``loss_fn``, or a
+    dict), or, with ``chunks=k``, one batch split into k chunks, each then a batch of its own.
+    Each batch is run as ``micro_batches`` chunks with gradients accumulated (losses weighted
+    by chunk size, exactly the full batch's mean-loss gradient for plain autograd); the exact
+    side runs the same chunks, so micro-batching's own effect on BatchNorm is not counted as
+    error. One copy of the estimate runs every batch in turn, so a sampled method draws anew
+    for each, as it does from step to step."""
+    from actcomp.attach import compress
+    from actcomp.core.batch import model_inputs, step_loss
+    from actcomp.levers.microbatch import split_batch
+
+    if chunks is not None:
+        batches = split_batch(batches, chunks)
+    batches = list(batches)
+    if len(batches) < 2:
+        raise ValueError(f"the gradient measures need at least 2 batches (or one batch and chunks >= 2), got {len(batches)}")
+    exact_model = copy.deepcopy(model)
+    if isinstance(estimate, nn.Module):
+        estimate_model = copy.deepcopy(estimate)
+    else:
+        estimate_model = copy.deepcopy(model)
+        compress(estimate_model, "all", config=estimate, sample=model_inputs(batches[0], loss_fn))
+
+    def grads(m: nn.Module, batch: Any) -> list[Tensor | None]:
+        m.zero_grad(set_to_none=True)
+        size = _size(batch)
+        for part in split_batch(batch, micro_batches):
+            (step_loss(m, part, loss_fn) * (_size(part) / size)).backward()
+        out = [None if p.grad is None else p.grad.detach().clone() for p in m.parameters() if p.requires_grad]
+        m.zero_grad(set_to_none=True)
+        return out
+
+    exact = [grads(copy.deepcopy(exact_model), batch) for batch in batches]
+    estimates = [grads(estimate_model, batch) for batch in batches]
+    return estimates, exact
+
+
+def median_layer_bias(
+    model: nn.Module,
+    estimate: "CompressionConfig | nn.Module",
+    batches: Any,
+    loss_fn: Callable | None = None,
+    *,
+    chunks: int | None = None,
+    micro_batches: int = 1,
+) -> float:
+    """The gradient measure that orders approximate steps by the accuracy they cost: the median,
+    over the model's weight tensors, of each tensor's bias relative to its own mean gradient.
+
+    With :func:`calibration_gradients` (same arguments: ``batches`` a list of batches, or one
+    batch with ``chunks=k`` split into k; the exact side on the same ``micro_batches``), e_b,l =
+    g~_b,l - g_b,l for weight tensor l (parameters named ``*weight``) and batch b, and
+    bias_l = sqrt(max(0, ||mean_b e_b,l||^2 - tr Cov_b(e_l) / n)) / ||mean_b g_b,l|| (see
+    :func:`gradient_error_stats`); the result is median_l bias_l. Each layer is weighed against
+    its own gradient, as a per-coordinate optimizer (Adam) weighs it; the spread that averages
+    out from step to step is left out, the error that every step repeats is kept; the median is
+    not swayed by a few layers whose mean gradient is near zero. On the demo task (BENCHMARKS.md
+    ``quality-measures``) it ranks compressed variants by the accuracy they lose better than
+    one batch's relative error ||g~ - g|| / ||g|| (what fit's ``max_error`` bounds), which
+    charges an unbiased estimator for a spread the optimizer averages away. Optimizer-free:
+    nothing is updated, ``model`` and ``estimate`` are left as they were."""
+    estimates, exact = calibration_gradients(model, estimate, batches, loss_fn, chunks=chunks, micro_batches=micro_batches)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    stats = [s for name, s in zip(names, per_tensor_error_stats(estimates, exact)) if s is not None and name.endswith("weight")]
+    if not stats:
+        raise ValueError("the model has no trained weight tensor with a nonzero mean gradient: no layer bias can be measured")
+    return float(statistics.median(s.bias for s in stats))
+
+
+def _size(batch: Any) -> int:
+    from actcomp.levers.microbatch import _batch_size
+
+    size = _batch_size(batch)
+    if size is None:
+        raise ValueError("the batch holds no tensor with a batch dimension (dim 0)")
+    return size

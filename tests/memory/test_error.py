@@ -2,6 +2,7 @@
 averages out, and plain's minibatch noise; checked on constructed errors and on the truncated
 and unbiased methods."""
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.memory.error import GradientErrorStats, gradient_error_stats, per_tensor_error_stats
+from actcomp.memory.error import GradientErrorStats, calibration_gradients, gradient_error_stats, median_layer_bias, per_tensor_error_stats
+from conftest import rel_err
 
 
 def batches_of(n, size=50, seed=0):
@@ -109,3 +111,65 @@ def test_per_tensor_stats_weigh_each_tensor_by_its_own_gradient():
     assert second.bias == pytest.approx(1.0, rel=1e-9)  # 100% of its own gradient
     assert whole.bias < 2e-3  # invisible in the whole vector
     assert per_tensor_error_stats([[None]] * 2, [[None]] * 2) == [None]
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 3)).double()
+
+
+def _batch(n=16, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 6, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
+
+
+def test_calibration_gradients_at_eps_one_equal_the_exact_ones_and_leave_the_model_alone():
+    model = _bn_model()
+    before = copy.deepcopy(model.state_dict())
+    estimates, exact = calibration_gradients(model, actcomp.CompressionConfig("hosvd", 1.0), _batch(), F.cross_entropy, chunks=4, micro_batches=2)
+    assert len(estimates) == len(exact) == 4 and len(exact[0]) == len(list(model.parameters()))
+    for est, ref in zip(estimates, exact):
+        for a, b in zip(est, ref):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_chunks_of_one_batch_are_batches_and_the_exact_side_runs_the_same_micro_batches():
+    model = _bn_model()
+    x, y = _batch()
+    config = actcomp.CompressionConfig("hosvd", 0.8)
+    chunked = calibration_gradients(model, config, (x, y), F.cross_entropy, chunks=2, micro_batches=2)
+    listed = calibration_gradients(model, config, [(x[:8], y[:8]), (x[8:], y[8:])], F.cross_entropy, micro_batches=2)
+    for a, b in zip(sum(chunked[0] + chunked[1], []), sum(listed[0] + listed[1], [])):
+        assert torch.equal(a, b)
+    reference = copy.deepcopy(model)  # plain autograd on the same two micro-batches of the first chunk
+    for xc, yc in ((x[:4], y[:4]), (x[4:8], y[4:8])):
+        (F.cross_entropy(reference(xc), yc) * 0.5).backward()
+    for a, p in zip(chunked[1][0], reference.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-10, atol=1e-13)
+    assert rel_err(chunked[0][0][0], chunked[1][0][0]) > 1e-6  # eps 0.8 changes the conv's dW
+
+
+def test_a_sampled_estimate_draws_anew_for_each_batch():
+    model = _bn_model()
+    x, y = _batch()
+    estimates, exact = calibration_gradients(model, actcomp.CompressionConfig("hosvd_unbiased", 0.7), [(x, y)] * 3, F.cross_entropy)
+    assert all(torch.equal(a, b) for a, b in zip(exact[0], exact[2]))
+    assert rel_err(estimates[0][0], estimates[1][0]) > 1e-6
+
+
+def test_calibration_gradients_need_two_batches():
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        calibration_gradients(_bn_model(), actcomp.CompressionConfig("hosvd", 0.9), [_batch()], F.cross_entropy)
+
+
+def test_median_layer_bias_is_zero_when_exact_and_tells_a_truncation_from_an_unbiased_draw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(24, 12, generator=generator, dtype=torch.float64).cumsum(1) / 3).relu()
+    batch = (x, torch.randint(0, 3, (24,), generator=generator))
+    assert median_layer_bias(model, actcomp.CompressionConfig("hosvd", 1.0), batch, F.cross_entropy, chunks=3) == 0.0
+    truncated = median_layer_bias(model, actcomp.CompressionConfig("hosvd", 0.6), [batch] * 40, F.cross_entropy)
+    unbiased = median_layer_bias(model, actcomp.CompressionConfig("hosvd_unbiased", 0.6), [batch] * 40, F.cross_entropy)
+    assert truncated > 0.05 and unbiased < truncated / 3, (truncated, unbiased)
