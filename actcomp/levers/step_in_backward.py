@@ -48,8 +48,9 @@ EXACT_OPTIMIZERS: tuple[type[Optimizer], ...] = (
 _ATTRIBUTE = "_actcomp_step_in_backward"
 
 #: elements per slice of a parameter's update (:func:`optimizer_in_backward` ``chunk_size``):
-#: 2**20 float32 elements are 4 MiB, so Adam's temporaries stay a few MiB for any parameter.
-DEFAULT_CHUNK_SIZE = 2**20
+#: 2**18 float32 elements are 1 MiB, so Adam's temporaries (and moments cast up from bfloat16)
+#: stay a few MiB for any parameter, at one optimizer call per slice.
+DEFAULT_CHUNK_SIZE = 2**18
 
 ParamsLike = nn.Module | Iterable[nn.Parameter] | Iterable[dict]
 OptimizerLike = type[Optimizer] | Optimizer | Callable[..., Optimizer]
@@ -327,7 +328,7 @@ def optimizer_in_backward(
     parameter) and is rounded to nearest when stored. Adam's state then takes 2 x 2 bytes per
     float32 weight instead of 2 x 4; the update is approximate (bfloat16 keeps 8 significant
     bits: each stored moment is off by up to 2^-9 of itself), no longer equal to the plain loop's.
-    ``chunk_size`` (elements, default 2**20; None: off): from its second update on, a parameter
+    ``chunk_size`` (elements, default 2**18; None: off): from its second update on, a parameter
     with more elements is updated slice by slice, so the update's temporaries (Adam allocates
     sqrt(v) and the step, each the size of the parameter, plus the state cast up from
     ``state_dtype``) hold one slice at a time; the update is element-wise, so the weights are
