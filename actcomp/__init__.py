@@ -27,7 +27,7 @@ from actcomp.memory.plan import LayerChoice, Plan, plan
 from actcomp.memory.fit import EXACT_POLICIES, BudgetExceededError, FitChoice, FitReport, FittedStep, fit
 from actcomp.levers import checkpoint_blocks, freeze_batchnorm, microbatch_step, optimizer_in_backward
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BudgetExceededError",
