@@ -1,9 +1,10 @@
 """Per-layer random draws for the sampled methods, reproducible from their carried state.
 
 A sampled method (``hosvd_unbiased``, ``svd_unbiased``) draws which tail directions it keeps at
-every step, for the compressed layers only: the neighbours' factors (BatchNorm's x_hat) are its
-truncated twin's (``neighbour_method``; see :func:`actcomp.policies.factor_config`). Its per-layer state holds a seed (taken from torch's global generator when the layer
-is compressed, so ``torch.manual_seed`` makes a run reproducible) and a step count: step t's
+every step, for the compressed layers and (unless ``truncated_neighbours``) for the neighbours'
+factors (BatchNorm's x_hat; see :func:`actcomp.policies.factor_config`). Its per-layer state
+holds a seed (taken from torch's global generator when the layer is compressed, so
+``torch.manual_seed`` makes a run reproducible) and a step count: step t's
 draw uses a generator seeded by (seed, t), so the same state draws the same directions (a copy
 of the state taken before a step reproduces that step's factors) and a saved state resumes the
 sequence.
@@ -54,15 +55,16 @@ class Draws:
 class SampledCompressor(Compressor):
     """Base of the methods that draw at every step: their per-layer state is a :class:`Draws`.
 
-    ``truncated_neighbours``: the neighbours' factors come from ``neighbour_method`` (the
-    truncated decomposition of the same form) at the same eps, not from a draw. A sampled x_hat
-    would give BatchNorm a biased, heavy-tailed dX: its backward, dX = (w / sigma)(dY - mean(dY)
-    - x_hat mean(dY x_hat)), is quadratic in x_hat, so E[x~ mean(dY x~)] != x_hat mean(dY x_hat),
-    and a rescaled tail direction (weight 1 / p_i, p_i small) enters squared; the bias and
-    spread then pass through every earlier layer's dX. Only linear functions of the input (the
-    weight gradients dW = dY . X) stay unbiased under sampling."""
+    ``truncated_neighbours``: when True, the neighbours' factors (BatchNorm's x_hat) come from
+    ``neighbour_method`` (the truncated decomposition of the same form) at the same eps instead
+    of a draw. Off by default, by measurement: BatchNorm's backward, dX = (w / sigma)(dY -
+    mean(dY) - x_hat mean(dY x_hat)), is quadratic in x_hat, so a drawn x_hat gives a biased,
+    heavy-tailed dX, but a truncated one gives a bias every step repeats, and on the demo task
+    (BENCHMARKS.md ``quality-neighbours``, 3 seeds) truncated BatchNorm factors lost more at eps
+    0.9 (84.6% against 92.3% in ``quality-unbiased``) and 0.93 (95.9% against 96.5%) and the
+    same at 0.95 (96.3%)."""
 
-    truncated_neighbours: ClassVar[bool] = True
+    truncated_neighbours: ClassVar[bool] = False
 
     def new_state(self) -> Draws:
         """The layer's seed and draw count (a copy of it reproduces the next step's draw)."""

@@ -206,12 +206,10 @@ class NeighbourState(LayerState):
 
 
 def factor_config(config: CompressionConfig, neighbours: Neighbours) -> CompressionConfig:
-    """The settings of a neighbour's factors: compress's method when it tunes eps and factors
-    deterministically, else the method it names for its neighbours
-    (:attr:`Compressor.neighbour_method`: a method without eps, or a sampled method, whose
-    ``truncated_neighbours`` asks for its truncated twin, since BatchNorm's backward is quadratic
-    in x_hat and an unbiased x_hat would not give an unbiased dX); the neighbours' eps when
-    set, else compress's."""
+    """The settings of a neighbour's factors: compress's method when it tunes eps, unless it is
+    a sampled method asking for truncated neighbours (``truncated_neighbours``), else the
+    method it names for its neighbours (:attr:`Compressor.neighbour_method`); the neighbours'
+    eps when set, else compress's."""
     compressor_class = method_class(config.method)
     own = compressor_class.knob == "eps" and not getattr(compressor_class, "truncated_neighbours", False)
     method = config.method if own else compressor_class.neighbour_method

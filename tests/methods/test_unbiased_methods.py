@@ -101,10 +101,19 @@ def test_seed_follows_torch_manual_seed():
 
 
 @pytest.mark.parametrize("method", ["hosvd_unbiased", "svd_unbiased"])
-def test_batchnorm_gets_the_truncated_twins_factors_and_only_the_layers_draw(method):
-    """BatchNorm's backward is quadratic in x_hat, so its factors are truncated (the twin
-    method's), not drawn: dX through it and its own gradients equal those of the model
-    compressed with the truncated twin, at every step, while the layers' dW are drawn."""
+def test_batchnorm_draws_too_by_default(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()).double()
+    actcomp.compress(model, config=actcomp.CompressionConfig(method, 0.7))
+    assert actcomp.layer_state(model[1]).config == actcomp.CompressionConfig(method, 0.7)
+
+
+@pytest.mark.parametrize("method", ["hosvd_unbiased", "svd_unbiased"])
+def test_with_truncated_neighbours_batchnorm_gets_the_twins_factors_and_only_the_layers_draw(method, monkeypatch):
+    """With ``truncated_neighbours`` BatchNorm's factors are the truncated twin method's, not
+    drawn: dX through it and its own gradients equal those of the model compressed with the
+    twin, at every step, while the layers' dW are drawn."""
+    monkeypatch.setattr(actcomp.methods.method_class(method), "truncated_neighbours", True)
     twin = method.removesuffix("_unbiased")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1)).double()

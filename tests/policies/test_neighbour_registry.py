@@ -138,7 +138,10 @@ def test_factor_config_names_the_method_from_the_method_registry(monkeypatch):
     assert factor_config(CompressionConfig("gradient_filter", 0.8), Neighbours()) == CompressionConfig("svd", 0.8)
 
 
-def test_a_sampled_method_gives_its_neighbours_its_truncated_twin():
+def test_a_sampled_method_gives_its_neighbours_its_truncated_twin_when_it_asks_for_it(monkeypatch):
+    assert factor_config(CompressionConfig("hosvd_unbiased", 0.9), Neighbours()) == CompressionConfig("hosvd_unbiased", 0.9)
+    for method in ("hosvd_unbiased", "svd_unbiased"):
+        monkeypatch.setattr(method_class(method), "truncated_neighbours", True)
     assert factor_config(CompressionConfig("hosvd_unbiased", 0.9), Neighbours()) == CompressionConfig("hosvd", 0.9)
     assert factor_config(CompressionConfig("svd_unbiased", 0.9), Neighbours(eps=0.95)) == CompressionConfig("svd", 0.95)
 
