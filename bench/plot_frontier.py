@@ -1,14 +1,15 @@
 """The README's figure: device total against step time and against accuracy, from BENCHMARKS.md.
 
-    python bench/plot_frontier.py [--alternatives alternatives] [--quality quality] [--out docs/frontier.png]
+    python bench/plot_frontier.py [--alternatives alternatives] [--quality quality,quality-unbiased,quality-neighbours] [--out docs/frontier.png]
 
 Reads the tables that bench/alternatives.py and bench/quality.py wrote into BENCHMARKS.md (no
 measurement of its own, so the figure shows exactly the published numbers) and draws two
 panels: left, for each model of the ``--alternatives`` section, every variant's device total
 against its step time, both relative to plain autograd (exact levers as circles, compressed
-variants as crosses, fit's choices as stars); right, from the ``--quality`` section, test
-accuracy on the demo task (mean over seeds, bars from the lowest to the highest seed) against
-the device total relative to plain. Needs matplotlib (the ``app`` extra).
+variants as crosses, fit's choices as stars); right, from the ``--quality`` sections (a
+variant measured again in a later section shows its later row), test accuracy on the demo task
+(mean over seeds, bars from the lowest to the highest seed) against the device total relative
+to plain. Needs matplotlib (the ``app`` extra).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def tables(text: str) -> list[tuple[str, list[dict[str, str]]]]:
     return out
 
 
+EXPERIMENTS = ("mode only", "batch mode kept", "truncated BatchNorm", "SGD momentum")
+
+
 def number(cell: str) -> float | None:
     found = re.match(r"-?[0-9.]+", cell.replace("x", ""))
     return float(found[0]) if found else None
@@ -59,7 +63,8 @@ def number(cell: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alternatives", default="alternatives", help="BENCHMARKS.md section of bench/alternatives.py")
-    parser.add_argument("--quality", default="quality", help="BENCHMARKS.md section of bench/quality.py")
+    parser.add_argument("--quality", default="quality,quality-unbiased,quality-neighbours",
+                        help="comma-separated BENCHMARKS.md sections of bench/quality.py (a later section's row replaces an earlier one's)")
     parser.add_argument("--out", default="docs/frontier.png")
     args = parser.parse_args()
     import matplotlib
@@ -86,20 +91,28 @@ def main() -> None:
     left.set(xlabel="step time / plain", ylabel="device total / plain", title="Memory against time (one step, every layer trained)")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    for _, rows in tables(section(text, args.quality))[:1]:
-        for row in rows:
-            total = number(row.get("total / plain", ""))
-            found = re.match(r"([0-9.]+)% \(([0-9.]+)-([0-9.]+)\)", row.get("test accuracy, mean (min-max)", ""))
-            if total is None or not found:
-                continue
-            mean, low, high = (float(v) for v in found.groups())
-            exact = "hosvd" not in row["variant"] and "svd" not in row["variant"] and "asi" not in row["variant"]
-            right.errorbar(total, mean, yerr=[[mean - low], [high - mean]], fmt="o" if exact else "x", capsize=3,
-                           color=colours[0] if exact else colours[1])
-            right.annotate(row["variant"], (total, mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        right.set(xscale="log", xlabel="device total / plain (log)", ylabel="test accuracy, % (mean, min-max over seeds)",
-                  title="Accuracy against memory (demo task, every layer trained)")
-        right.grid(alpha=0.3)
+    latest: dict[str, dict[str, str]] = {}  # variant -> row; a later section's row replaces an earlier one's
+    for key in args.quality.split(","):
+        for row in tables(section(text, key))[0][1]:
+            latest[row["variant"]] = row
+    for variant, row in latest.items():
+        if any(tag in variant for tag in EXPERIMENTS):
+            continue  # a benchmark's experiment (a cause, a neighbour policy), not a setting a user picks
+        total = number(row.get("total / plain", ""))
+        found = re.match(r"([0-9.]+)% \(([0-9.]+)-([0-9.]+)\)", row.get("test accuracy, mean (min-max)", ""))
+        if total is None or not found:
+            continue
+        mean, low, high = (float(v) for v in found.groups())
+        kind = "unbiased" if "unbiased" in variant else "compressed" if any(m in variant for m in ("svd", "asi")) else "exact"
+        marker, colour = {"exact": ("o", colours[0]), "compressed": ("x", colours[1]), "unbiased": ("^", colours[2])}[kind]
+        right.errorbar(total, mean, yerr=[[mean - low], [high - mean]], fmt=marker, capsize=3, color=colour)
+        right.annotate(variant, (total, mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for kind, (marker, colour) in {"exact levers": ("o", colours[0]), "truncating methods": ("x", colours[1]), "unbiased methods": ("^", colours[2])}.items():
+        right.errorbar([], [], fmt=marker, color=colour, label=kind)
+    right.legend(fontsize=8, loc="lower right")
+    right.set(xscale="log", xlabel="device total / plain (log)", ylabel="test accuracy, % (mean, min-max over seeds)",
+              title="Accuracy against memory (demo task, every layer trained)")
+    right.grid(alpha=0.3)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
