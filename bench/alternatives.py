@@ -207,7 +207,9 @@ def one_model(name: str, args: argparse.Namespace) -> tuple[str, list[str]]:
         ("step in backward", (1, (), True, None)),
         ("recompute every block + step in backward", (1, blocks, True, None)),
         ("recompute every block + step in backward + exact policies", (1, blocks, True, EXACT_POLICIES)),
-        *([("step in backward, state bf16 (approximate)", (1, (), True, None, torch.bfloat16))] if args.bf16_state else []),
+        *([("step in backward, state bf16 (approximate)", (1, (), True, None, torch.bfloat16)),
+           ("recompute every block + step in backward, state bf16 + exact policies", (1, blocks, True, EXACT_POLICIES, torch.bfloat16))]
+          if args.bf16_state else []),
         ("hosvd eps 0.9", (1, (), False, hosvd)),
         ("hosvd eps 0.9 + 4 micro-batches", (4, (), False, hosvd)),
     ]
