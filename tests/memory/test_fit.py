@@ -114,7 +114,9 @@ def test_compression_is_used_only_within_max_error():
     total = plain_total(model, x, y)
     step = actcomp.fit(model, optimizer, int(total * 0.97), (x, y), F.cross_entropy, allow=("compression",), max_error=1.0, headroom=0.0)
     chosen = step.report.chosen
-    assert chosen.compression is not None and 0 < chosen.grad_error <= 1.0
+    assert chosen.compression is not None and chosen.grad_error > 0
+    # what max_error bounds for compression: the median layer bias over the batch in 8 chunks
+    assert chosen.grad_bias is not None and chosen.bounded_error == chosen.grad_bias <= 1.0
     assert actcomp.compressed_layers(model)
     other = mlp()
     with pytest.raises(ValueError, match="max_error"):
@@ -392,3 +394,22 @@ def test_exact_policies_are_tried_only_below_the_micro_batches_found_without_the
     tried = [c.micro_batches for c in report.candidates if c.compression == actcomp.EXACT_POLICIES]
     assert tried and max(tried) < found
     assert report.chosen.exact
+
+
+def test_the_layer_bias_bounds_compression_and_a_small_batch_falls_back_to_the_relative_error():
+    """fit's bound on compression is the median layer bias (memory/error.py) measured over the
+    batch in chunks against plain on the same chunks; a batch too small to split in two chunks
+    of two samples per micro-batch is bounded by one batch's relative error instead."""
+    from actcomp.memory.error import median_layer_bias
+    from actcomp.memory.fit import _Calibration
+
+    model, (x, y) = mlp(), data(64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = actcomp.CompressionConfig("hosvd", 0.9)
+    calibration = _Calibration(model, optimizer, (x, y), F.cross_entropy, 1, False)
+    choice = calibration.measure(1, (), False, config)
+    compressed = actcomp.compress(copy.deepcopy(model), "all", config=config, sample=x)
+    assert choice.grad_bias == pytest.approx(median_layer_bias(model, compressed, (x, y), F.cross_entropy, chunks=8), rel=1e-9)
+    assert choice.bounded_error == choice.grad_bias and choice.grad_error > 0
+    small = _Calibration(model, optimizer, (x[:3], y[:3]), F.cross_entropy, 1, False).measure(1, (), False, config)
+    assert small.grad_bias is None and small.bounded_error == small.grad_error > 0
