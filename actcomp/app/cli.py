@@ -420,7 +420,7 @@ def _add_run_options(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--layers", default="last:4", help="last:N, all, re:<pattern> or comma-separated names (default last:4)")
     p.add_argument("--method", default="hosvd", choices=list(method_names()))
-    p.add_argument("--eps", type=float, default=0.8, help="explained variance kept, in (0, 1] (default 0.8)")
+    p.add_argument("--eps", type=float, default=0.99, help="explained variance kept, in (0, 1] (default 0.99)")
     for name, (setting, _) in _method_setting_options().items():  # gradient_filter's --patch, ...
         p.add_argument(f"--{name.replace('_', '-')}", type=type(setting.default), default=None, help=f"{setting.help} (default {setting.default})")
     p.add_argument("--budget", help="plan eps per layer for this many bytes kept by autograd (e.g. 512KiB)")

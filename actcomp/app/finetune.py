@@ -133,7 +133,7 @@ class FinetuneConfig:
     size: int = 32
     layers: str = "last:4"  # "last:N", "all", "re:...", or comma-separated names
     method: str = "hosvd"
-    eps: float = 0.8
+    eps: float = 0.99
     method_settings: tuple[tuple[str, Any], ...] = ()
     budget: str | None = None
     target: str | None = None  # a device profile (actcomp.devices): plan for its budget

@@ -36,13 +36,13 @@ class CompressionConfig:
     """
 
     method: str = "hosvd"
-    eps: float = 0.8
+    eps: float = 0.99
     method_settings: tuple[tuple[str, Any], ...] = ()
 
     def __init__(
         self,
         method: str = "hosvd",
-        eps: float = 0.8,
+        eps: float = 0.99,
         *,
         method_settings: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
         **settings: Any,

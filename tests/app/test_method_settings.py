@@ -27,10 +27,10 @@ def test_config_keeps_its_api():
     config = actcomp.CompressionConfig("gradient_filter", patch=2)
     assert config.patch == 2 and config.method_settings == (("patch", 2),)
     assert actcomp.CompressionConfig("gradient_filter").patch == 4  # the declared default
-    assert config == actcomp.CompressionConfig("gradient_filter", 0.8, patch=2) != actcomp.CompressionConfig("gradient_filter")
+    assert config == actcomp.CompressionConfig("gradient_filter", 0.99, patch=2) != actcomp.CompressionConfig("gradient_filter")
     assert hash(config) == hash(actcomp.CompressionConfig("gradient_filter", patch=2))
-    assert actcomp.CompressionConfig() == actcomp.CompressionConfig("hosvd", 0.8) and actcomp.CompressionConfig().method_settings == ()
-    assert repr(config) == "CompressionConfig(method='gradient_filter', eps=0.8, patch=2)"
+    assert actcomp.CompressionConfig() == actcomp.CompressionConfig("hosvd", 0.99) and actcomp.CompressionConfig().method_settings == ()
+    assert repr(config) == "CompressionConfig(method='gradient_filter', eps=0.99, patch=2)"
     assert pickle.loads(pickle.dumps(config)) == config and replace(config, eps=0.5).patch == 2
     with pytest.raises(FrozenInstanceError):
         config.patch = 3  # type: ignore[misc]
