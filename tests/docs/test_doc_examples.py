@@ -1,4 +1,4 @@
-"""Every Python example of the documentation site runs (issue 24).
+"""Every Python example of the README and the documentation site runs (issue 24).
 
 The ```python blocks of one Markdown file run in order in one namespace (mktestdocs'
 ``check_md_file(memory=True)``), in a temporary working directory, so a guide reads as one
@@ -14,7 +14,7 @@ from mktestdocs import grab_code_blocks
 from mktestdocs.__main__ import check_md_file
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = sorted((ROOT / "docs").rglob("*.md"))
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 WITH_PYTHON = [page for page in PAGES if grab_code_blocks(page.read_text(), lang="python")]
 
 
@@ -24,7 +24,7 @@ def page_id(page: Path) -> str:
 
 def test_the_pages_hold_python_examples():
     names = {page_id(page) for page in WITH_PYTHON}
-    assert {"docs/guides/getting-started.md", "docs/guides/fit.md"} <= names, names
+    assert {"README.md", "docs/guides/getting-started.md", "docs/guides/fit.md"} <= names, names
 
 
 @pytest.mark.parametrize("page", WITH_PYTHON, ids=page_id)
