@@ -71,6 +71,9 @@ __all__ = ["BudgetExceededError", "EXACT_POLICIES", "FitChoice", "FitReport", "F
 #: neighbour policies around it (ReLU-family bit masks, max-pool uint8 indices, nothing for
 #: average pools, BatchNorm's input itself): no gradient error, no headroom needed.
 EXACT_POLICIES = CompressionConfig("none", 1.0)
+"""fit's ``"exact_policies"`` lever as a compression: every layer plain (it keeps its input),
+ReLU-family activations keep 1-bit masks, max-pools uint8 window positions, average pools
+nothing, BatchNorm its input (:func:`compress_as_fit`); exact, no headroom needed."""
 
 
 def compress_as_fit(model: nn.Module, compression: CompressionConfig, layers: Any = "all", sample: Any = None) -> nn.Module:
