@@ -67,9 +67,6 @@ from actcomp.policies.base import Neighbours
 
 __all__ = ["BudgetExceededError", "EXACT_POLICIES", "FitChoice", "FitReport", "FittedStep", "fit"]
 
-#: fit's ``"exact_policies"`` lever: every layer plain (it keeps its input) with actcomp's exact
-#: neighbour policies around it (ReLU-family bit masks, max-pool uint8 indices, nothing for
-#: average pools, BatchNorm's input itself): no gradient error, no headroom needed.
 EXACT_POLICIES = CompressionConfig("none", 1.0)
 """fit's ``"exact_policies"`` lever as a compression: every layer plain (it keeps its input),
 ReLU-family activations keep 1-bit masks, max-pools uint8 window positions, average pools
@@ -650,12 +647,11 @@ def fit(
     if plain autograd fits, the step is plain; otherwise, among the exact combinations
     (micro-batches k in powers of two, recompute of :func:`~actcomp.levers.auto_blocks`, the
     step in backward for the element-wise optimizers; where a combination needs micro-batches
-    or fits with none, the same with :data:`EXACT_POLICIES` at fewer micro-batches) and, with
-    ``method`` at each eps of
-    ``eps_grid`` whose gradient error ||g - g_plain|| / ||g_plain|| is at most ``max_error``,
-    the compressed ones (which must fit within (1 - ``headroom``) of the budget; their
-    ``max_error`` bounds :attr:`FitChoice.bounded_error`, the median layer bias over the batch
-    in chunks, see the module docstring), the one with the least measured step time. ``freeze_batchnorm=True`` runs every BatchNorm on its running
+    or fits with none, the same with :data:`EXACT_POLICIES` at fewer micro-batches) and the
+    compressed ones, ``method`` at each eps of ``eps_grid``, whose
+    :attr:`FitChoice.bounded_error` (the median layer bias over the batch in chunks, see the
+    module docstring) is at most ``max_error`` and which fit within (1 - ``headroom``) of the
+    budget, the one with the least measured step time. ``freeze_batchnorm=True`` runs every BatchNorm on its running
     statistics (eval mode, affine parameters still trained: the usual fine-tuning setting; the
     plain reference too), which makes micro-batching exact; otherwise a BatchNorm in train mode
     normalises each micro-batch by its own statistics, and the measured gradient error of
