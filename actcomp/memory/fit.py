@@ -247,8 +247,7 @@ class _Applied:
         self.recompute: Recompute | None = None
         self.in_backward: StepInBackward | None = None
         if choice.compression is not None:  # inside a recomputed block nothing is kept: no use compressing there
-            layers = (lambda name, _: not _inside(name, choice.recompute)) if choice.recompute else "all"
-            compress_as_fit(model, choice.compression, layers, sample=_inputs_of(sample, loss_fn))
+            compress_as_fit(model, choice.compression, _outside(choice.recompute), sample=_inputs_of(sample, loss_fn))
         if choice.recompute:
             self.recompute = checkpoint_blocks(model, list(choice.recompute))
         if choice.step_in_backward:
@@ -377,6 +376,12 @@ class FittedStep:
     def remove(self) -> None:
         """Undo the levers: compression restored, recompute and the step in backward removed."""
         self._applied.remove()
+
+
+def _outside(blocks: Sequence[str]) -> Any:
+    """The layer selection a compression with recompute of ``blocks`` applies to: the layers
+    outside them (inside a recomputed block nothing is kept), or ``"all"`` without recompute."""
+    return (lambda name, _: not _inside(name, blocks)) if blocks else "all"
 
 
 def _inside(name: str, blocks: Sequence[str]) -> bool:
@@ -518,8 +523,7 @@ class _Calibration:
             if chunks >= 2:
                 model, _ = self._copies()
                 estimate = copy.deepcopy(model)
-                layers = (lambda name, _: not _inside(name, recompute)) if recompute else "all"
-                compress_as_fit(estimate, compression, layers, sample=_inputs_of(self.batch, self.loss_fn))
+                compress_as_fit(estimate, compression, _outside(recompute), sample=_inputs_of(self.batch, self.loss_fn))
                 frozen = (freeze_batchnorm(model), freeze_batchnorm(estimate)) if self.frozen_batchnorm else ()
                 with contextlib.ExitStack() as stack, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
