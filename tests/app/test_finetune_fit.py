@@ -1,11 +1,13 @@
 """actcomp finetune --fit and plan --fit: the whole step within a device total, a resumed run
 with the levers it was fitted with, and the settings that cannot go together."""
 
+import functools
 import json
 
 import pytest
 import torch
 
+from actcomp.app import finetune
 from actcomp.app.cli import main
 from actcomp.app.finetune import FinetuneConfig, load_checkpoint, run_finetune
 
@@ -23,16 +25,22 @@ def stop_after_first(done):
 FIT_RUN = FinetuneConfig(size=16, layers="all", fit="8MiB", freeze_batchnorm=True, epochs=2, batch_size=128, optimizer="adam", lr=3e-3)
 
 
-def test_a_fitted_run_resumes_with_its_levers_to_the_uninterrupted_weights(tmp_path):
+def test_a_fitted_run_resumes_with_its_levers_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     metrics = run_finetune(FIT_RUN, tmp_path / "straight", progress=False)
     assert all(0 < row["device_total_bytes"] <= 8 * 2**20 for row in metrics)
     report = (tmp_path / "straight" / "fit.txt").read_text()
     assert "chosen:" in report and "budget 8.0 MiB" in report
     levers = load_checkpoint(tmp_path / "straight" / "checkpoint.pt", torch.device("cpu"))["fit"]
     assert levers["micro_batches"] > 1 or levers["recompute"] or levers["step_in_backward"] or levers["compression"]
+    # fit picks the fastest combination that fits, by measured time, so a second search may pick
+    # another; the interrupted run is fitted with the straight run's levers to compare like with like
+    fitted_as_straight = functools.partial(finetune.fit, levers=levers)
+    monkeypatch.setattr(finetune, "fit", lambda *args, levers=None, **kwargs: fitted_as_straight(*args, **kwargs))
     with pytest.raises(Interrupted):
         run_finetune(FIT_RUN, tmp_path / "broken", progress=False, after_epoch=stop_after_first)
     run_finetune(FIT_RUN, tmp_path / "broken", resume=True, progress=False)
+    broken = load_checkpoint(tmp_path / "broken" / "checkpoint.pt", torch.device("cpu"))["fit"]
+    assert broken == levers
     straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     resumed = torch.load(tmp_path / "broken" / "model.pt", weights_only=True)
     assert straight.keys() == resumed.keys()
