@@ -13,7 +13,9 @@ state_dict keys and isinstance checks unchanged) for versions whose autograd Fun
   running statistics (eval mode) with frozen weight. Exact.
 * ``factors``: BatchNorm that uses batch statistics (train mode), or whose weight trains, keeps
   Tucker factors of its normalised input x_hat at eps (approximate; eps = 1 is exact); opt out
-  with ``Neighbours(batchnorm="keep")``.
+  with ``Neighbours(batchnorm="keep")``. LayerNorm and RMSNorm (torch's, timm's, transformers'
+  LLaMA-family RMSNorm) keep Tucker factors of their normalised input with the explicit opt-in
+  ``Neighbours(norm="factors")``; by default plain autograd (:mod:`actcomp.policies.norm`).
 * ``bits<k>``: GELU, SiLU, Hardswish, Sigmoid, Tanh (and transformers' activation classes of
   the same functions) keep a k-bit code of their input's bucket and
   use a piecewise-constant derivative (approximate, explicit opt-in
@@ -44,6 +46,7 @@ from actcomp.core.state import LayerState
 
 ACTIVATION_POLICIES = ("exact", "bits1", "bits2", "bits4", "bits8")
 BATCHNORM_POLICIES = ("factors", "input", "keep")
+NORM_POLICIES = ("keep", "factors")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class Neighbours:
     piecewise-constant derivative). ``batchnorm``: a BatchNorm whose statistics or weight
     train keeps ``"factors"`` of its normalised input (default), factors of its input
     (``"input"``: usually fewer bytes at the same eps) or its input itself (``"keep"``).
+    ``norm``: LayerNorm / RMSNorm keep what plain autograd keeps (``"keep"``, default) or
+    factors of their normalised input and their per-row statistics (``"factors"``).
     ``generic``: pack every other large saved tensor as factors (opt-in). ``threshold``:
     bytes below which the generic packer keeps a tensor as it is. ``eps``: the eps of the
     approximate policies (None: the eps given to compress). ReLU-family masks, pooling
@@ -63,6 +68,7 @@ class Neighbours:
 
     activations: str = "exact"
     batchnorm: str = "factors"
+    norm: str = "keep"
     generic: bool = False
     threshold: int = 65536
     eps: float | None = None
@@ -72,6 +78,8 @@ class Neighbours:
             raise ValueError(f"activations must be one of {', '.join(map(repr, ACTIVATION_POLICIES))}, got {self.activations!r}")
         if self.batchnorm not in BATCHNORM_POLICIES:
             raise ValueError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_POLICIES))}, got {self.batchnorm!r}")
+        if self.norm not in NORM_POLICIES:
+            raise ValueError(f"norm must be one of {', '.join(map(repr, NORM_POLICIES))}, got {self.norm!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 0:
             raise ValueError(f"threshold must be a whole number of bytes >= 0, got {self.threshold!r}")
         if self.eps is not None:

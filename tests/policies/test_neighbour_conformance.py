@@ -10,11 +10,13 @@ approximate policies apply) at eps = 1 in float64, and for every row:
   the policy promises: ``bits`` ceil(numel / 8), ``bits<k>`` ceil(numel k / 8), ``indices`` one
   small integer per output element, ``nothing`` none, ``factors`` the factors' bytes (the
   stats' ``kept_bytes``), ``plain`` what plain autograd keeps; BatchNorm adds its per-channel
-  mean and 1/sigma;
+  mean and 1/sigma, LayerNorm / RMSNorm their per-row mean and 1/sigma (RMSNorm: 1/rms);
 * the stats the policy records say the same bytes.
 
-The first test fails until a newly registered type has rows; smooth activations and BatchNorm
-get one row per value of ``ACTIVATION_POLICIES`` / ``BATCHNORM_POLICIES``.
+The first test fails until a newly registered type has rows; smooth activations, BatchNorm and
+LayerNorm / RMSNorm get one row per value of ``ACTIVATION_POLICIES`` / ``BATCHNORM_POLICIES`` /
+``NORM_POLICIES``. Gradients match to ``rtol`` / ``atol`` (1e-9 / 1e-12; transformers' RMSNorm
+computes in float32 whatever its input's dtype, so there float32's precision: 1e-5 / 1e-6).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 from torch import nn
 
 import actcomp
-from actcomp.policies import ACTIVATION_POLICIES, BATCHNORM_POLICIES, registered_neighbours
+from actcomp.policies import ACTIVATION_POLICIES, BATCHNORM_POLICIES, NORM_POLICIES, registered_neighbours
+from actcomp.policies.norm import TRANSFORMERS_RMS_NORM
 from actcomp.policies.pool import _index_dtype
 
 
@@ -44,6 +47,8 @@ class Row:
     promise: str
     neighbours: actcomp.Neighbours = actcomp.Neighbours()
     train: bool = True
+    rtol: float = 1e-9
+    atol: float = 1e-12
 
     @property
     def exact(self) -> bool:
@@ -124,6 +129,33 @@ for _cls, _factories in _SMOOTH.items():
         for i, factory in enumerate(_factories)
     ]
 
+
+def _timm_norm(name, *args, **kwargs):
+    """A timm norm class by name; skipped where timm is absent."""
+    return lambda: getattr(pytest.importorskip("timm.layers"), name)(*args, **kwargs)
+
+
+def _transformers_class(qualified, *args):
+    """A transformers class by qualified name; skipped where transformers is absent."""
+    module, name = qualified.rsplit(".", 1)
+    return lambda: getattr(pytest.importorskip(module), name)(*args)
+
+
+_NORMS = {
+    nn.LayerNorm: ([lambda: nn.LayerNorm(6), lambda: nn.LayerNorm((5, 6), bias=False)], (3, 5, 6), {}),
+    nn.RMSNorm: ([lambda: nn.RMSNorm(6), lambda: nn.RMSNorm((5, 6), elementwise_affine=False)], (3, 5, 6), {}),
+    "timm.layers.norm.LayerNorm": ([_timm_norm("LayerNorm", 6)], (3, 5, 6), {}),
+    "timm.layers.norm.LayerNorm2d": ([_timm_norm("LayerNorm2d", 4)], (2, 4, 3, 5), {}),
+    **{name: ([_transformers_class(name, 6)], (3, 5, 6), {"rtol": 1e-5, "atol": 1e-6}) for name in TRANSFORMERS_RMS_NORM},
+}
+for _cls, (_factories, _shape, _tolerance) in _NORMS.items():
+    ROWS[_cls] = [
+        Row(f"{policy}-{i}", factory, _shape, "plain" if policy == "keep" else "factors", actcomp.Neighbours(norm=policy), **_tolerance)
+        for policy in NORM_POLICIES
+        for i, factory in enumerate(_factories)
+    ]
+
+
 def _type_name(t) -> str:
     return t.rsplit(".", 1)[1] if isinstance(t, str) else t.__name__
 
@@ -140,6 +172,8 @@ def test_every_policy_setting_has_rows():
         assert {r.neighbours.activations for r in ROWS[cls]} == set(ACTIVATION_POLICIES)
     for cls in _BATCHNORM_SHAPES:
         assert {r.neighbours.batchnorm for r in ROWS[cls]} == set(BATCHNORM_POLICIES)
+    for cls in _NORMS:
+        assert {r.neighbours.norm for r in ROWS[cls]} == set(NORM_POLICIES)
 
 
 def _promised_bytes(row: Row, module: nn.Module, x: torch.Tensor, y: torch.Tensor, state) -> int:
@@ -158,8 +192,22 @@ def _promised_bytes(row: Row, module: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 def _channel_statistics(module: nn.Module, x: torch.Tensor) -> int:
-    """BatchNorm also keeps its per-channel mean and 1/sigma."""
-    return 2 * x.shape[1] * x.element_size() if isinstance(module, nn.modules.batchnorm._BatchNorm) else 0
+    """BatchNorm also keeps its per-channel mean and 1/sigma; LayerNorm / RMSNorm their per-row
+    statistics (in x's dtype; transformers' RMSNorm: 1/rms in float32)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return 2 * x.shape[1] * x.element_size()
+    if _qualified(module) in TRANSFORMERS_RMS_NORM:  # 1/rms in float32 per row
+        return x.numel() // x.shape[-1] * 4
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):  # per row (timm's LayerNorm2d: over C)
+        per_row = 2 if isinstance(module, nn.LayerNorm) else 1
+        return x.numel() // math.prod(module.normalized_shape) * per_row * x.element_size()
+    return 0
+
+
+def _qualified(module: nn.Module) -> str:
+    """The qualified name of the module's own class (before actcomp's swap)."""
+    cls = getattr(type(module), "_actcomp_base", type(module))
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _run(module: nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
@@ -192,7 +240,7 @@ def test_policy_is_exact_and_keeps_what_it_promises(neighbour_type, row):
     model = nn.Sequential(nn.Linear(row.shape[-1], row.shape[-1]), module).double()
     actcomp.compress(model, layers=["0"], method="hosvd", eps=1.0, neighbours=row.neighbours)
     state = actcomp.layer_state(module)
-    assert (state is None) == (row.promise == "plain" and neighbour_type in _SMOOTH)
+    assert (state is None) == (row.promise == "plain" and (neighbour_type in _SMOOTH or neighbour_type in _NORMS))
     x = torch.randn(row.shape, dtype=torch.float64)
 
     y, grads, saved_bytes = _run(module, x, seed=1)
@@ -201,7 +249,7 @@ def test_policy_is_exact_and_keeps_what_it_promises(neighbour_type, row):
     assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
     if row.exact:
         for g, g_ref in zip(grads, grads_ref, strict=True):
-            assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+            assert torch.allclose(g, g_ref, rtol=row.rtol, atol=row.atol)
     if row.promise == "plain":
         assert saved_bytes == plain_bytes
         return
