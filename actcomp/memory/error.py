@@ -31,7 +31,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from actcomp.core.config import CompressionConfig
 
-__all__ = ["GradientErrorStats", "calibration_gradients", "gradient_error_stats", "median_layer_bias", "per_tensor_error_stats"]
+__all__ = ["GradientErrorStats", "RunningError", "calibration_gradients", "gradient_error_stats", "median_layer_bias", "per_tensor_error_stats"]
 
 
 def _flat_pair(estimate: Sequence[Tensor | None], exact: Sequence[Tensor | None]) -> tuple[Tensor, Tensor]:
@@ -97,6 +97,74 @@ def gradient_error_stats(
         raise ValueError("the exact gradients average to zero: no relative error can be given")
     bias_sq = max(0.0, float((mean_e**2).sum()) - cov_e / n)
     return GradientErrorStats(math.sqrt(bias_sq) / scale, math.sqrt(cov_e) / scale, math.sqrt(cov_g) / scale, n)
+
+
+class RunningError:
+    """Bias and spread of :func:`gradient_error_stats` for one gradient tensor, accumulated
+    batch by batch without keeping the batches' gradients (what :func:`actcomp.plan` needs for
+    every layer at every eps).
+
+    ``add(estimate, exact)`` per batch updates, in float64, the mean error mean e, the sum of
+    squared deviations sum_b ||e_b - mean e||^2 (Welford's update, no cancellation) and the sum of
+    the exact gradients; with n batches, tr Cov(e) = that sum / (n - 1), ``bias`` =
+    sqrt(max(0, ||mean e||^2 - tr Cov(e) / n)) / ||mean g|| and ``spread`` = sqrt(tr Cov(e)) /
+    ||mean g||, the numbers :func:`gradient_error_stats` gives on the kept lists.
+    :meth:`averaged` = sqrt(bias^2 + spread^2 / H): the error left in a gradient averaged over H
+    steps, as Adam's first moment averages (beta1 = 0.9: H = 10); a truncation's error is mostly
+    bias and stays, a sampled estimator's is spread and shrinks as 1 / sqrt(H). For a mean exact
+    gradient of zero every measure is 0 if the errors are zero too, else infinity."""
+
+    def __init__(self) -> None:
+        self.mean_error: Tensor | None = None
+        self.sum_exact: Tensor | None = None
+        self.deviations = 0.0
+        self.count = 0
+
+    def add(self, estimate: Tensor, exact: Tensor) -> None:
+        """One batch's estimated and exact gradient (same shape)."""
+        if estimate.shape != exact.shape:
+            raise ValueError(f"estimate and exact gradients differ in shape: {tuple(estimate.shape)} and {tuple(exact.shape)}")
+        error = (estimate.detach() - exact.detach()).double().reshape(-1)
+        exact = exact.detach().double().reshape(-1)
+        self.count += 1
+        if self.mean_error is None or self.sum_exact is None:
+            self.mean_error, self.sum_exact = error, exact
+            return
+        delta = error - self.mean_error
+        self.mean_error = self.mean_error + delta / self.count
+        self.deviations += float(delta.dot(error - self.mean_error))
+        self.sum_exact = self.sum_exact + exact
+
+    def _squares(self) -> tuple[float, float, float]:
+        """(bias^2, tr Cov(e), ||mean g||) unscaled; ValueError before 2 batches."""
+        n = self.count
+        if n < 2 or self.mean_error is None or self.sum_exact is None:
+            raise ValueError(f"a bias and a spread need at least 2 batches, got {n}")
+        cov = max(0.0, self.deviations / (n - 1))
+        return max(0.0, float(self.mean_error.square().sum()) - cov / n), cov, float((self.sum_exact / n).norm())
+
+    @staticmethod
+    def _relative(square: float, scale: float) -> float:
+        if scale == 0:
+            return 0.0 if square == 0 else math.inf
+        return math.sqrt(square) / scale
+
+    @property
+    def bias(self) -> float:
+        """The bias relative to the mean exact gradient."""
+        bias_sq, _, scale = self._squares()
+        return self._relative(bias_sq, scale)
+
+    @property
+    def spread(self) -> float:
+        """The batch-to-batch spread of the error relative to the mean exact gradient."""
+        _, cov, scale = self._squares()
+        return self._relative(cov, scale)
+
+    def averaged(self, horizon: float = 10.0) -> float:
+        """sqrt(bias^2 + spread^2 / horizon), relative to the mean exact gradient."""
+        bias_sq, cov, scale = self._squares()
+        return self._relative(bias_sq + cov / horizon, scale)
 
 
 def per_tensor_error_stats(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcomp
-from actcomp.memory.error import GradientErrorStats, calibration_gradients, gradient_error_stats, median_layer_bias, per_tensor_error_stats
+from actcomp.memory.error import GradientErrorStats, RunningError, calibration_gradients, gradient_error_stats, median_layer_bias, per_tensor_error_stats
 from conftest import rel_err
 
 
@@ -173,3 +173,35 @@ def test_median_layer_bias_is_zero_when_exact_and_tells_a_truncation_from_an_unb
     truncated = median_layer_bias(model, actcomp.CompressionConfig("hosvd", 0.6), [batch] * 40, F.cross_entropy)
     unbiased = median_layer_bias(model, actcomp.CompressionConfig("hosvd_unbiased", 0.6), [batch] * 40, F.cross_entropy)
     assert truncated > 0.05 and unbiased < truncated / 3, (truncated, unbiased)
+
+
+@pytest.mark.parametrize("offset_scale,noise_scale", [(0.0, 0.3), (0.4, 0.0), (0.2, 0.5)])
+def test_running_error_equals_the_stats_of_the_kept_batches(offset_scale, noise_scale):
+    exact, _ = batches_of(7, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    offset = offset_scale * torch.linspace(-1, 1, 50, dtype=torch.float64)
+    estimates = [[g[0] + offset + noise_scale * torch.randn(50, generator=generator, dtype=torch.float64)] for g in exact]
+    running = RunningError()
+    for est, ref in zip(estimates, exact):
+        running.add(est[0].reshape(5, 10), ref[0].reshape(5, 10))  # any shape: flattened
+    kept = gradient_error_stats(estimates, exact)
+    assert running.count == 7
+    assert running.bias == pytest.approx(kept.bias, rel=1e-9, abs=1e-12)
+    assert running.spread == pytest.approx(kept.spread, rel=1e-9, abs=1e-12)
+    assert running.averaged(4.0) == pytest.approx(math.sqrt(kept.bias**2 + kept.spread**2 / 4), rel=1e-9, abs=1e-12)
+
+
+def test_running_error_of_exact_gradients_is_zero_and_needs_two_batches():
+    running = RunningError()
+    g = torch.randn(3, 4, dtype=torch.float64)
+    running.add(g, g)
+    with pytest.raises(ValueError, match="at least 2 batches, got 1"):
+        running.averaged()
+    running.add(2 * g, 2 * g)
+    assert running.bias == running.spread == running.averaged() == 0.0
+    zero, whole = RunningError(), torch.arange(12.0, dtype=torch.float64).reshape(3, 4)
+    for sign in (1, -1):  # the exact gradients average to zero, the errors are all 1
+        zero.add(sign * whole + 1, sign * whole)
+    assert zero.bias == math.inf and zero.spread == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        running.add(g, g.T)

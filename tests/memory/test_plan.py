@@ -1,12 +1,14 @@
 """plan(): the applied plan keeps what it predicts, within budget; more budget, less error."""
 
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
 import actcomp
+from actcomp.memory.error import RunningError
 from actcomp.memory.plan import Plan, parse_bytes, plan
 from actcomp.app.models import TinyMobileNet
 
@@ -115,6 +117,7 @@ def test_device_budget():
         ({"budget": "1MiB", "method": "gradient_filter"}, r"needs method 'hosvd', 'asi', .*'syncfree'.*, got 'gradient_filter'"),
         ({"budget": "1MiB", "eps_grid": (0.5, 1.5)}, "eps must be a number in"),
         ({"budget": "1MiB", "scope": "everything"}, "scope must be"),
+        ({"budget": "1MiB", "error": "bias"}, "error must be 'averaged' or 'relative'"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -235,3 +238,58 @@ def test_the_planner_trades_the_neighbours_its_registration_names():
     finally:
         del registry._REGISTRY[_Scale]
         registry._RESOLVED.clear()
+
+
+def test_the_averaged_error_is_measured_over_the_batches_and_minimised():
+    """By default each layer's error is sqrt(bias^2 + spread^2 / 10) over the calibration
+    batches (RunningError), recomputed here from each layer's own gradients; total_error is
+    their sum, frozen layers 1; the relative error is still reported beside it."""
+    torch.manual_seed(0)
+    model = conv_net()
+    batches = [data((8, 3, 16, 16), 4, seed=s) for s in range(3)]
+    roomy = plan(model, batches, budget=10**9, loss_fn=LOSS, eps_grid=(0.5, 0.9))
+    assert roomy.error_measure == "averaged"
+    assert abs(roomy.total_error - sum(c.averaged_error for c in roomy.choices) - sum(n.averaged_error for n in roomy.neighbours)) < 1e-12
+    layer = next(c for c in roomy.choices if c.name == "3")
+    assert layer.train and layer.eps in (0.5, 0.9) and layer.averaged_error is not None
+    running = RunningError()
+    for x, y in batches:  # the layer's input and output gradient in a plain step, then its weight gradient at the eps
+        work = copy.deepcopy(model)
+        captured = {}
+
+        def hook(module, args, out):
+            captured["x"] = args[0].detach()
+            out.register_hook(lambda g: captured.update(dy=g))
+
+        work[3].register_forward_hook(hook)
+        LOSS(work(x), y).backward()
+        exact_layer, compressed_layer = copy.deepcopy(model[3]), copy.deepcopy(model[3])
+        actcomp.compress(compressed_layer, [""], config=actcomp.CompressionConfig("hosvd", layer.eps))
+        grads = [torch.autograd.grad(m(captured["x"]), m.weight, captured["dy"])[0] for m in (compressed_layer, exact_layer)]
+        running.add(*grads)
+    assert layer.averaged_error == pytest.approx(running.averaged(), rel=1e-6, abs=1e-9)
+    relative = plan(model, batches, budget=10**9, loss_fn=LOSS, eps_grid=(0.5, 0.9), error="relative")
+    assert relative.error_measure == "relative" and all(c.averaged_error is None for c in relative.choices)
+    assert abs(relative.total_error - sum(c.grad_error for c in relative.choices) - sum(n.grad_error for n in relative.neighbours)) < 1e-12
+    assert "averaged error" in roomy.table() and "total averaged error" in roomy.table()
+
+
+def test_one_batch_is_measured_in_chunks_and_a_tiny_one_falls_back_with_a_note():
+    torch.manual_seed(0)
+    model = conv_net()
+    chunked = plan(model, [data((8, 3, 16, 16), 4)], budget=10**9, loss_fn=LOSS, eps_grid=(0.5,))
+    assert chunked.error_measure == "averaged" and all(c.averaged_error is not None for c in chunked.trained)
+    tiny = plan(model, [data((3, 3, 16, 16), 4)], budget=10**9, loss_fn=LOSS, eps_grid=(0.5,))
+    assert tiny.error_measure == "relative" and any("too small to measure the averaged error" in n for n in tiny.notes)
+
+
+def test_a_plan_saved_before_the_averaged_error_loads_as_relative(tmp_path):
+    torch.manual_seed(0)
+    p = plan(conv_net(), [data((8, 3, 16, 16), 4)], budget="40KiB", loss_fn=LOSS, eps_grid=(0.6, 0.9), error="relative")
+    data_ = json.loads(p.to_json())
+    for key in ("error_measure",):
+        data_.pop(key)
+    for c in data_["choices"] + data_["neighbours"]:
+        c.pop("averaged_error")
+    old = Plan.from_json(json.dumps(data_))
+    assert old == p and old.total_error == p.total_error
