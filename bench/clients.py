@@ -3,7 +3,7 @@ Face LLaMA (from config, random weights), the same with peft LoRA (r 8 on q_proj
 and timm image models, against plain autograd.
 
     python bench/clients.py [--eps 0.9,0.95,1.0] [--models llama,llama-lora,efficientnet_b0,...]
-                            [--variants default,generic,norm,norm+generic] [--write]
+                            [--variants default,generic,norm,norm-exact,norm+generic] [--write]
 
 Each row is one ``actcomp.measure`` of one training step on the CPU (batch 4; LLaMA: hidden
 128, 2 layers, 64 tokens, dict batches with labels, the output's ``.loss``; timm: 64 px,
@@ -13,7 +13,8 @@ with compression suspended, peak = the CPU profiler's allocation high-water mark
 trained Linear/Conv; under LoRA only A and B, the frozen base layers are left out); the
 ``+generic`` rows add ``Neighbours(generic=True)``, which packs the other large saved tensors
 (attention, norms, activations) as factors at the same eps; the ``+norm`` rows add
-``Neighbours(norm="factors")``: LayerNorm / RMSNorm keep factors of their normalised input
+``Neighbours(norm="factors")``: LayerNorm / RMSNorm keep factors of their normalised input, the
+``+norm-exact`` rows ``Neighbours(norm="exact")``: they keep their input and per-row statistics
 (``--variants`` picks them). grad error = ||g - g_plain|| / ||g_plain|| over every trained
 parameter's gradient of one step on the same batch, compressed against suspended.
 """
@@ -74,6 +75,7 @@ VARIANTS = {
     "default": "auto",
     "generic": actcomp.Neighbours(generic=True),
     "norm": actcomp.Neighbours(norm="factors"),
+    "norm-exact": actcomp.Neighbours(norm="exact"),
     "norm+generic": actcomp.Neighbours(norm="factors", generic=True),
 }
 
@@ -142,7 +144,7 @@ def main() -> None:
         "(`actcomp.measure`: saved bytes counted once per storage; peak from CPU profiler allocation events). "
         "'kept input (plain)': compressed layers whose factors would have outweighed their input, which kept the input. "
         "'+generic': `Neighbours(generic=True)`; '+norm': `Neighbours(norm=\"factors\")` (LayerNorm / RMSNorm keep factors "
-        "of their normalised input). grad error: ||g - g_plain|| / ||g_plain|| over every trained parameter, one step.",
+        "of their normalised input); '+norm-exact': `Neighbours(norm=\"exact\")` (they keep their input and per-row statistics). grad error: ||g - g_plain|| / ||g_plain|| over every trained parameter, one step.",
         "",
         markdown_table(header, rows),
     ])

@@ -15,7 +15,8 @@ state_dict keys and isinstance checks unchanged) for versions whose autograd Fun
   Tucker factors of its normalised input x_hat at eps (approximate; eps = 1 is exact); opt out
   with ``Neighbours(batchnorm="keep")``. LayerNorm and RMSNorm (torch's, timm's, transformers'
   LLaMA-family RMSNorm) keep Tucker factors of their normalised input with the explicit opt-in
-  ``Neighbours(norm="factors")``; by default plain autograd (:mod:`actcomp.policies.norm`).
+  ``Neighbours(norm="factors")``, their input and per-row statistics with ``norm="exact"``; by
+  default plain autograd (:mod:`actcomp.policies.norm`).
 * ``bits<k>``: GELU, SiLU, Hardswish, Sigmoid, Tanh (and transformers' activation classes of
   the same functions) keep a k-bit code of their input's bucket and
   use a piecewise-constant derivative (approximate, explicit opt-in
@@ -46,7 +47,7 @@ from actcomp.core.state import LayerState
 
 ACTIVATION_POLICIES = ("exact", "bits1", "bits2", "bits4", "bits8")
 BATCHNORM_POLICIES = ("factors", "input", "keep")
-NORM_POLICIES = ("keep", "factors")
+NORM_POLICIES = ("keep", "exact", "factors")
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ class Neighbours:
     piecewise-constant derivative). ``batchnorm``: a BatchNorm whose statistics or weight
     train keeps ``"factors"`` of its normalised input (default), factors of its input
     (``"input"``: usually fewer bytes at the same eps) or its input itself (``"keep"``).
-    ``norm``: LayerNorm / RMSNorm keep what plain autograd keeps (``"keep"``, default) or
-    factors of their normalised input and their per-row statistics (``"factors"``).
+    ``norm``: LayerNorm / RMSNorm keep what plain autograd keeps (``"keep"``, default), their
+    input and per-row statistics (``"exact"``: RMSNorm then keeps one tensor of the input's size,
+    plain autograd two) or factors of their normalised input and those statistics (``"factors"``).
     ``generic``: pack every other large saved tensor as factors (opt-in). ``threshold``:
     bytes below which the generic packer keeps a tensor as it is. ``eps``: the eps of the
     approximate policies (None: the eps given to compress). ReLU-family masks, pooling

@@ -18,8 +18,10 @@ the CPU, transformers' RMSNorm: float32 copies of both for a bf16 input). With
 transiently and uses the formulas above. At eps = 1 the gradients equal plain autograd's; at eps
 < 1 the error is that of x_hat (every row has unit energy, so eps spends on the rows' shared
 directions). Never worse than plain: where the factors would take more bytes than x, x itself is
-kept (policy ``plain``) and x_hat made from it in backward. The default ``"keep"`` leaves these
-modules to plain autograd (exact), as does autocast (it chooses the norm's dtype itself).
+kept (policy ``plain``) and x_hat made from it in backward. ``norm="exact"`` keeps x and the
+statistics everywhere (policy ``plain``, exact: RMSNorm then keeps one tensor of x's size where
+plain autograd keeps two; LayerNorm the same bytes as plain). The default ``"keep"`` leaves these
+modules to plain autograd, as does autocast (it chooses the norm's dtype itself).
 
 Registered: torch's ``nn.LayerNorm`` and ``nn.RMSNorm``; timm's ``LayerNorm`` and
 ``LayerNorm2d`` (normalised over the channels of (B, C, H, W)) unless timm's fast-norm path is
@@ -99,11 +101,11 @@ def _outweighs(factors, x: Tensor) -> bool:
 
 class FactoredNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, spec, state):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, spec, state, factored):  # type: ignore[override]
         with torch.no_grad():
             mean, rstd = _statistics(x.detach(), spec)
-            x_hat = _normalised(x.detach(), mean, rstd, x.dtype)
-            factors = state.factor(x_hat)
+            x_hat = _normalised(x.detach(), mean, rstd, x.dtype) if factored or spec.upcast else None
+            factors = state.factor(x_hat) if factored else None
             if spec.upcast:
                 y = _output(x, x_hat, weight, bias, spec)
             del x_hat  # x, x_hat and the factorisation's workspace: the only tensors of x's size
@@ -111,9 +113,13 @@ class FactoredNorm(torch.autograd.Function):
                 y = _output(x, None, weight, bias, spec)
         # per-row statistics in x's dtype, as torch's CPU kernels keep them (its CUDA kernels: float32)
         stats = [t if spec.upcast else t.to(x.dtype) for t in (mean, rstd) if t is not None]
-        if _outweighs(factors, x):
-            # never worse than plain: factors larger than x (eps near 1, a small x) -> x
-            keep_input(state, x)
+        if factors is None or _outweighs(factors, x):
+            # policy "exact", or never worse than plain: factors larger than x (eps near 1, a small x) -> x
+            if factors is None:
+                state.keep(_PLAIN, x, x.numel() * x.element_size())
+                mark_kept(_PLAIN, x)
+            else:
+                keep_input(state, x)
             ctx.factors_type, kept = _PLAIN, [x.detach()]
         else:
             ctx.factors_type, ctx.meta = type(factors), factors.meta()
@@ -157,7 +163,7 @@ class FactoredNorm(torch.autograd.Function):
             if spec.centered:
                 grad_x.sub_(g.mean(dims, keepdim=True))
             grad_x = grad_x.mul_(rstd).to(ctx.x_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _applies(neighbours: Neighbours) -> bool:
@@ -166,13 +172,16 @@ def _applies(neighbours: Neighbours) -> bool:
 
 
 def _run(x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: NormSpec, state: NeighbourState) -> Tensor | None:
-    """The factors policy where it applies, else None (plain autograd)."""
+    """The factors policy where it applies (after the first compressed layer), the exact one
+    everywhere it is asked for, else None (plain autograd)."""
+    policy = state.neighbours.norm
+    factored = policy == "factors" and state.approximate
     trains = any(p is not None and p.requires_grad for p in (weight, bias))
-    if not (state.approximate and state.neighbours.norm == "factors") or not (x.requires_grad or trains):
+    if not (factored or policy == "exact") or not (x.requires_grad or trains):
         return None
     if not x.is_floating_point() or x.ndim <= spec.modes or torch.is_autocast_enabled(x.device.type):
         return None
-    return FactoredNorm.apply(x, weight, bias, spec, state)
+    return FactoredNorm.apply(x, weight, bias, spec, state, factored)
 
 
 def _torch_spec(module: nn.Module, x: Tensor, centered: bool) -> NormSpec | None:

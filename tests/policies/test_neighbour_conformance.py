@@ -9,7 +9,8 @@ approximate policies apply) at eps = 1 in float64, and for every row:
 * the bytes autograd keeps for the module (``actcomp.count_saved``, parameters apart) are what
   the policy promises: ``bits`` ceil(numel / 8), ``bits<k>`` ceil(numel k / 8), ``indices`` one
   small integer per output element, ``nothing`` none, ``factors`` the factors' bytes (the
-  stats' ``kept_bytes``), ``plain`` what plain autograd keeps; BatchNorm adds its per-channel
+  stats' ``kept_bytes``), ``input`` x itself (stats' policy ``plain``, never more than plain
+  autograd), ``plain`` what plain autograd keeps; BatchNorm adds its per-channel
   mean and 1/sigma, LayerNorm / RMSNorm their per-row mean and 1/sigma (RMSNorm: 1/rms);
 * the stats the policy records say the same bytes.
 
@@ -148,9 +149,10 @@ _NORMS = {
     "timm.layers.norm.LayerNorm2d": ([_timm_norm("LayerNorm2d", 4)], (2, 4, 3, 5), {}),
     **{name: ([_transformers_class(name, 6)], (3, 5, 6), {"rtol": 1e-5, "atol": 1e-6}) for name in TRANSFORMERS_RMS_NORM},
 }
+_NORM_PROMISE = {"keep": "plain", "exact": "input", "factors": "factors"}
 for _cls, (_factories, _shape, _tolerance) in _NORMS.items():
     ROWS[_cls] = [
-        Row(f"{policy}-{i}", factory, _shape, "plain" if policy == "keep" else "factors", actcomp.Neighbours(norm=policy), **_tolerance)
+        Row(f"{policy}-{i}", factory, _shape, _NORM_PROMISE[policy], actcomp.Neighbours(norm=policy), **_tolerance)
         for policy in NORM_POLICIES
         for i, factory in enumerate(_factories)
     ]
@@ -253,8 +255,8 @@ def test_policy_is_exact_and_keeps_what_it_promises(neighbour_type, row):
     if row.promise == "plain":
         assert saved_bytes == plain_bytes
         return
-    if row.promise == "factors" and state.last.method == "plain":
-        # never worse than plain: full-rank factors of x outweigh x, so x itself is kept
+    if row.promise in ("factors", "input") and state.last.method == "plain":
+        # x itself (never worse than plain: full-rank factors of x outweigh x)
         assert saved_bytes == x.numel() * x.element_size() + _channel_statistics(module, x) <= plain_bytes
         assert state.last.kept_bytes == x.numel() * x.element_size()
         return

@@ -1,5 +1,5 @@
 """LayerNorm / RMSNorm neighbour policy: exact at eps = 1 on both paths (factors of x_hat, and x
-itself where the factors outweigh it), its gradient error at eps < 1 bounded and shrinking with
+itself where the factors outweigh it) and under ``norm="exact"`` at any eps, its gradient error at eps < 1 bounded and shrinking with
 eps, what it keeps reported by measure, opt-in only, and transformers' RMSNorm classes checked
 to run LLaMA's forward before they are registered."""
 
@@ -30,10 +30,10 @@ MODULES = {
 CASES = [pytest.param(name, shape, id=f"{name}-{len(shape)}d") for name, (_, shapes) in MODULES.items() for shape in shapes]
 
 
-def _compressed(module: nn.Module, width: int, eps: float, dtype=torch.float64) -> nn.Module:
+def _compressed(module: nn.Module, width: int, eps: float, dtype=torch.float64, policy: str = "factors") -> nn.Module:
     """``module`` after a compressed Linear (so approximate policies apply), norm factors on."""
     model = nn.Sequential(nn.Linear(width, width), module).to(dtype)
-    actcomp.compress(model, layers=["0"], method="hosvd", eps=eps, neighbours=actcomp.Neighbours(norm="factors"))
+    actcomp.compress(model, layers=["0"], method="hosvd", eps=eps, neighbours=actcomp.Neighbours(norm=policy))
     return module
 
 
@@ -54,22 +54,25 @@ def _affine(module: nn.Module) -> nn.Module:
     return module
 
 
-@pytest.mark.parametrize("path", ["factors", "plain"])
+@pytest.mark.parametrize("path", ["factors", "plain", "exact"])
 @pytest.mark.parametrize("name, shape", CASES)
 def test_eps_one_equals_plain_autograd(name, shape, path, monkeypatch):
     """dX, dweight, dbias equal plain autograd's in float64 to 1e-10, on the factors path
-    (forced: full-rank factors outweigh a small x) and on the fallback that keeps x."""
+    (forced: full-rank factors outweigh a small x), on its fallback that keeps x, and under
+    ``norm="exact"`` (x kept at any eps: 0.5 here) with no more bytes than plain."""
     if path == "factors":
         monkeypatch.setattr(norm_policy, "_outweighs", lambda factors, x: False)
     module = _affine(MODULES[name][0]().double())
     reference = copy.deepcopy(module)
-    _compressed(module, shape[-1], eps=1.0)
+    _compressed(module, shape[-1], **({"eps": 0.5, "policy": "exact"} if path == "exact" else {"eps": 1.0}))
     torch.manual_seed(1)
     x, dy = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    y, grads, _ = _step(module, x, dy)
-    y_ref, grads_ref, _ = _step(reference, x, dy)
-    assert actcomp.layer_state(module).last.method == path
+    y, grads, kept = _step(module, x, dy)
+    y_ref, grads_ref, plain = _step(reference, x, dy)
+    assert actcomp.layer_state(module).last.method == ("plain" if path == "exact" else path)
     assert torch.equal(y, y_ref)
+    if path == "exact":  # RMSNorm with a weight: x and 1/rms where plain keeps x and x_hat
+        assert kept < plain if isinstance(module, nn.RMSNorm) and module.weight is not None else kept == plain
     assert len(grads) == len(grads_ref) == 1 + sum(p is not None for p in (module.weight, getattr(module, "bias", None)))
     for g, g_ref in zip(grads, grads_ref):
         assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
@@ -124,13 +127,24 @@ def test_measure_reports_the_policy_and_its_bytes():
         assert actcomp.layer_state(model[int(name)]).last.kept_bytes < x.numel() * x.element_size()
 
 
+def test_exact_applies_before_the_first_compressed_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.RMSNorm(6), nn.Linear(6, 6), nn.RMSNorm(6))
+    actcomp.compress(model, ["1"], eps=0.5, neighbours=actcomp.Neighbours(norm="exact"))
+    x = torch.randn(4, 5, 6, requires_grad=True)
+    rows = {r.name: r for r in actcomp.measure(model, x).rows}
+    for name in ("0", "2"):
+        assert actcomp.layer_state(model[int(name)]).last.method == "plain"
+        assert rows[name].saved_bytes < rows[name].vanilla_saved_bytes
+
+
 def test_keep_is_the_default_and_leaves_norms_alone():
     model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.RMSNorm(6))
     assert actcomp.Neighbours().norm == "keep"
     actcomp.compress(model, eps=0.9)
     assert actcomp.layer_state(model[1]) is None and actcomp.layer_state(model[2]) is None
     assert type(model[1]) is nn.LayerNorm and type(model[2]) is nn.RMSNorm
-    with pytest.raises(ValueError, match="norm must be one of 'keep', 'factors'"):
+    with pytest.raises(ValueError, match="norm must be one of 'keep', 'exact', 'factors'"):
         actcomp.Neighbours(norm="input")
 
 
