@@ -223,3 +223,37 @@ def test_timm_fast_norm_runs_plain():
     x = torch.randn(2, 4, 3, 5, requires_grad=True)
     module(x).sum().backward()
     assert actcomp.layer_state(module).runs == 0
+
+
+@pytest.mark.parametrize("policy", ["exact", "factors"])
+@pytest.mark.parametrize("family", ["Llama", "Qwen2"])
+def test_llama_family_from_config_at_eps_one(family, policy):
+    """Every Linear and every RMSNorm of a LLaMA-family model from config (float64, a dict
+    batch): gradients equal plain autograd's to the float32 precision its RMSNorms compute in,
+    the step keeps less than plain, and restore() gives the classes back."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).double().train()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 16))
+    batch = {"input_ids": ids, "labels": ids}
+
+    def step(m: nn.Module) -> tuple[list[torch.Tensor], int]:
+        m.zero_grad()
+        with actcomp.count_saved(m) as saved:
+            loss = m(**batch).loss
+        loss.backward()
+        return [p.grad.clone() for p in m.parameters()], saved.saved_bytes
+
+    expected, plain = step(reference)
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    classes = [type(m) for m in norms]
+    actcomp.compress(model, sample={"input_ids": ids}, eps=1.0, neighbours=actcomp.Neighbours(norm=policy))
+    assert len(norms) == 2 * 2 + 1 and all(actcomp.layer_state(m) is not None for m in norms)
+    grads, kept = step(model)
+    assert all(((g - e).norm() / e.norm()).item() < 1e-6 for g, e in zip(grads, expected))
+    assert kept < plain
+    actcomp.restore(model)
+    assert [type(m) for m in norms] == classes
