@@ -180,17 +180,20 @@ def _run(module: nn.Module, x: Tensor, state, logit_scale: Tensor | None) -> Ten
     )
 
 
-def shifted_window_attention_kernel(module: nn.Module, x: Tensor, state) -> Tensor:
+def shifted_window_attention_kernel(module: nn.Module, state, x: Tensor) -> Tensor:
     """Swin V1's attention calling its ``qkv`` and ``proj`` layers (:func:`window_attention`)."""
     return _run(module, x, state, None)
 
 
-def shifted_window_attention_v2_kernel(module: nn.Module, x: Tensor, state) -> Tensor:
+def shifted_window_attention_v2_kernel(module: nn.Module, state, x: Tensor) -> Tensor:
     """Swin V2's cosine attention calling its ``qkv`` and ``proj`` layers (:func:`window_attention`)."""
     return _run(module, x, state, module.logit_scale)
 
 
-# the kernels call qkv's and proj's forwards where torchvision's reads their weights
-# (``compress(sample=...)`` then selects them with their parent)
-shifted_window_attention_kernel.runs_children = ("qkv", "proj")  # type: ignore[attr-defined]
-shifted_window_attention_v2_kernel.runs_children = ("qkv", "proj")  # type: ignore[attr-defined]
+# The kernels take the whole call (``kernel(module, state, x)``), so that they run, and call
+# qkv's and proj's forwards, under every method (also one that runs linear layers plainly: the
+# projections then run plainly themselves); and they call those forwards where torchvision's
+# reads the weights (``compress(sample=...)`` then selects them with their parent).
+for _kernel in (shifted_window_attention_kernel, shifted_window_attention_v2_kernel):
+    _kernel.takes_call = True  # type: ignore[attr-defined]
+    _kernel.runs_children = ("qkv", "proj")  # type: ignore[attr-defined]

@@ -216,7 +216,7 @@ def test_shifted_window_attention_at_eps_one_equals_torchvision(version, setting
     expected_out = reference(x)
     expected = gradients(reference, x, (expected_out,))
     torch.manual_seed(3)
-    out = SWIN_KERNELS[version](module, x, state)
+    out = SWIN_KERNELS[version](module, state, x)
     assert_close([out], [expected_out])
     assert_close(gradients(module, x, (out,)), expected)
     assert [actcomp.layer_state(m).runs for m in (module.qkv, module.proj)] == [1, 1]
@@ -229,7 +229,7 @@ def test_swin_v2_key_bias_gets_exactly_zero_gradient():
     module = copy.deepcopy(reference)
     actcomp.compress(module, ["qkv", "proj"], eps=1.0)
     x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
-    shifted_window_attention_v2_kernel(module, x, state_for(module, 1.0)).pow(2).sum().backward()
+    shifted_window_attention_v2_kernel(module, state_for(module, 1.0), x).pow(2).sum().backward()
     reference(x).pow(2).sum().backward()
     grad = module.qkv.bias.grad
     assert torch.count_nonzero(grad[8:16]) == 0 and torch.count_nonzero(grad[:8]) > 0
@@ -245,7 +245,7 @@ def test_shifted_window_attention_keeps_factors_of_its_projections_inputs(versio
     with actcomp.count_saved(reference) as plain:
         reference(x)
     with actcomp.count_saved(module) as saved:
-        SWIN_KERNELS[version](module, x, state_for(module, 0.8))
+        SWIN_KERNELS[version](module, state_for(module, 0.8), x)
     projections = [actcomp.stats(module)[n] for n in ("qkv", "proj")]
     assert all(p.method == "hosvd" and 0 < p.kept_bytes < p.input_bytes for p in projections)
     assert plain.saved_bytes - saved.saved_bytes == sum(p.input_bytes - p.kept_bytes for p in projections)
