@@ -1,4 +1,5 @@
-"""LayerNorm and RMSNorm keeping factors of their normalised input (opt-in, approximate).
+"""LayerNorm and RMSNorm keeping factors of their normalised input (opt-in, approximate), or
+their input and per-row statistics (opt-in, exact).
 
 Over the k normalised modes (the last k, N elements per row; mu, r per row, w and b of the
 normalised shape, <.> the mean over a row's N elements):
@@ -124,8 +125,7 @@ class FactoredNorm(torch.autograd.Function):
         else:
             ctx.factors_type, ctx.meta = type(factors), factors.meta()
             kept = list(factors.tensors())
-            mark_kept("factors", *kept)
-        mark_kept("factors", *stats)
+        mark_kept(_PLAIN if ctx.factors_type is _PLAIN else "factors", *kept, *stats)  # measure: one policy per row
         ctx.save_for_backward(weight, *stats, *kept)
         ctx.spec, ctx.stats, ctx.has_bias, ctx.x_dtype, ctx.acc = spec, len(stats), bias is not None, x.dtype, rstd.dtype
         return y
