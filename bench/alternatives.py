@@ -17,11 +17,13 @@ its cosine, g_plain the plain full-batch gradient; the step time is the median o
 steps of the measurement and of ``--rounds`` rounds in which every variant of the model is
 timed once after the other (``_Calibration.retime``: drift and load hit all alike).
 
-Variants: plain; recompute of every block (``checkpoint_blocks(model, "auto")``); micro-batching
+Variants: plain; recompute of every block and region (what fit's recompute lever recomputes:
+``auto_blocks`` and the runs of sibling modules of ``auto_regions``, e.g. resnet18's stem
+``conv1+bn1+relu+maxpool``); micro-batching
 with k = 2, 4, 8 (gradients accumulated; BatchNorm in train mode normalises each micro-batch
 by its own statistics, so it is exact only with ``--freeze-batchnorm`` or without BatchNorm:
 the error column says it); the optimizer step in backward, alone and with recompute of every
-block, and that with the exact policies outside the blocks (``actcomp.EXACT_POLICIES``: bit
+block and region, and that with the exact policies outside them (and with the blocks alone, without the regions) (``actcomp.EXACT_POLICIES``: bit
 masks, uint8 pooling indices; exact) (and, with ``--bf16-state``, with its moments stored in bfloat16: approximate updates,
 fit may then choose it too); compression alone
 (``actcomp.compress(model, "all", method="hosvd", eps=0.9)``); hosvd 0.9 + 4 micro-batches;
@@ -72,7 +74,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 import actcomp  # noqa: E402
 import actcomp.memory.fit as fit_module  # noqa: E402
 from actcomp.levers.recompute import auto_blocks  # noqa: E402
-from actcomp.memory.fit import EXACT_POLICIES, BudgetExceededError, FitChoice, _Applied, _approximate, _Calibration, _grads, _key  # noqa: E402
+from actcomp.memory.fit import (  # noqa: E402
+    EXACT_POLICIES, BudgetExceededError, FitChoice, _Applied, _approximate, _Calibration, _grads, _key, _recompute_sets,
+)
 from actcomp.memory.measure import format_bytes  # noqa: E402
 from common import machine, markdown_table, publish  # noqa: E402
 
@@ -188,7 +192,8 @@ def run_fit(model: nn.Module, calibration: _Calibration, optimizer_kind: str, bu
 
 def describe_compact(choice: FitChoice, blocks: tuple[str, ...]) -> str:
     text = choice.describe()
-    return text.replace(f"recompute {len(blocks)} blocks", "recompute every block") if blocks and choice.recompute == blocks else text
+    every = FitChoice(1, blocks, False, None, 0, 0, 0.0, 0.0).describe()  # "recompute 8 blocks + 1 region"
+    return text.replace(every, "recompute every block and region") if blocks and choice.recompute == blocks else text
 
 
 def one_model(name: str, args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -198,17 +203,21 @@ def one_model(name: str, args: argparse.Namespace) -> tuple[str, list[str]]:
     model = build(name, args.size)
     optimizer = make_optimizer(model, args.optimizer)
     calibration = _Calibration(model, optimizer, (x, y), F.cross_entropy, timing_steps=1, frozen_batchnorm=args.freeze_batchnorm)
-    blocks = tuple(auto_blocks(model))
+    blocks = _recompute_sets(calibration)[-1]  # fit's recompute lever at its largest: every block and region
+    only_blocks = tuple(auto_blocks(model))
+    every = f"every block and region ({len(only_blocks)} + {len(blocks) - len(only_blocks)})"
     hosvd = actcomp.CompressionConfig("hosvd", 0.9)
     fixed: list[tuple[str, tuple]] = [
         ("plain", (1, (), False, None)),
-        (f"recompute every block ({len(blocks)})", (1, blocks, False, None)),
+        (f"recompute {every}", (1, blocks, False, None)),
         *[(f"{k} micro-batches", (k, (), False, None)) for k in (2, 4, 8) if k <= args.batch],
         ("step in backward", (1, (), True, None)),
-        ("recompute every block + step in backward", (1, blocks, True, None)),
-        ("recompute every block + step in backward + exact policies", (1, blocks, True, EXACT_POLICIES)),
+        ("recompute every block and region + step in backward", (1, blocks, True, None)),
+        *([("recompute every block, no region + step in backward + exact policies", (1, only_blocks, True, EXACT_POLICIES))]
+          if only_blocks != blocks else []),
+        ("recompute every block and region + step in backward + exact policies", (1, blocks, True, EXACT_POLICIES)),
         *([("step in backward, state bf16 (approximate)", (1, (), True, None, torch.bfloat16)),
-           ("recompute every block + step in backward, state bf16 + exact policies", (1, blocks, True, EXACT_POLICIES, torch.bfloat16))]
+           ("recompute every block and region + step in backward, state bf16 + exact policies", (1, blocks, True, EXACT_POLICIES, torch.bfloat16))]
           if args.bf16_state else []),
         ("hosvd eps 0.9", (1, (), False, hosvd)),
         ("hosvd eps 0.9 + 4 micro-batches", (4, (), False, hosvd)),

@@ -9,7 +9,8 @@ step time whose total fits the budget and whose gradient error stays within ``ma
 
 * micro-batching (``micro_batches`` = k): every activation term / k, exact without batch
   statistics (:mod:`actcomp.levers.microbatch`);
-* recompute of blocks (:mod:`actcomp.levers.recompute`): a block keeps its input only, one
+* recompute of blocks and regions (:mod:`actcomp.levers.recompute`): a block (or a run of
+  sibling modules its parent's forward chains, such as a ResNet stem) keeps its input only, one
   extra forward, exact;
 * the optimizer step in backward (:mod:`actcomp.levers.step_in_backward`): the parameter
   gradients are never all alive, exact for the element-wise optimizers;
@@ -57,7 +58,7 @@ from actcomp.core.batch import model_inputs as _inputs_of
 from actcomp.core.config import CompressionConfig
 from actcomp.levers.microbatch import _batch_size as _size_along_dim0
 from actcomp.levers.microbatch import batch_statistics_modules, freeze_batchnorm, microbatch_step
-from actcomp.levers.recompute import Recompute, auto_blocks, checkpoint_blocks
+from actcomp.levers.recompute import Recompute, _members, auto_blocks, auto_regions, checkpoint_blocks
 from actcomp.levers.step_in_backward import EXACT_OPTIMIZERS, StepInBackward, optimizer_in_backward
 from actcomp.memory.error import median_layer_bias
 from actcomp.memory.format import aligned_table
@@ -82,6 +83,19 @@ def compress_as_fit(model: nn.Module, compression: CompressionConfig, layers: An
     return compress(model, layers, config=compression, neighbours=neighbours, sample=sample)
 
 
+def _compress_outside(model: nn.Module, compression: CompressionConfig, recompute: Sequence[str], sample: Any) -> None:
+    """:func:`compress_as_fit` of the layers outside the recomputed blocks and regions (inside
+    them nothing is kept); the modules of a region are then returned to plain autograd,
+    neighbour policies too: the region keeps only its input, and a policy's own work there only
+    adds to its recompute (resnet18's stem, batch 8, 128 px: the max-pool's index arithmetic
+    raised the step's peak from 32.0 to 40.8 MiB). Blocks keep their neighbour policies."""
+    compress_as_fit(model, compression, _outside(recompute), sample=sample)
+    for entry in recompute:
+        if "+" in entry:
+            for name in _members(entry):
+                restore(model.get_submodule(name))
+
+
 def _approximate(compression: CompressionConfig | None) -> bool:
     """Compression that changes the gradients (anything but None and the exact policies)."""
     return compression is not None and compression != EXACT_POLICIES
@@ -95,7 +109,8 @@ class BudgetExceededError(MemoryError):
 class FitChoice:
     """One combination of levers and what it measured on the calibration batch.
 
-    ``micro_batches``: chunks per batch; ``recompute``: the blocks recomputed (empty: none);
+    ``micro_batches``: chunks per batch; ``recompute``: the blocks and regions recomputed
+    (:func:`~actcomp.levers.checkpoint_blocks` entries; empty: none);
     ``step_in_backward``: the optimizer step runs in backward (``state_dtype``: its moments
     stored in that dtype, approximate; None: the parameters' dtype); ``compression``: the
     compression of every trainable layer (None: plain autograd). ``total_bytes``: resident
@@ -135,7 +150,11 @@ class FitChoice:
         if self.micro_batches > 1:
             parts.append(f"{self.micro_batches} micro-batches")
         if self.recompute:
-            parts.append(f"recompute {len(self.recompute)} blocks")
+            regions = sum("+" in entry for entry in self.recompute)
+            blocks = len(self.recompute) - regions
+            parts.append("recompute " + " + ".join(
+                f"{n} {what}{'s' if n > 1 else ''}" for n, what in ((blocks, "block"), (regions, "region")) if n
+            ))
         if self.step_in_backward:
             parts.append("step in backward" + (f" (state {str(self.state_dtype).removeprefix('torch.')})" if self.state_dtype else ""))
         where = " outside them" if self.recompute else ""
@@ -247,7 +266,7 @@ class _Applied:
         self.recompute: Recompute | None = None
         self.in_backward: StepInBackward | None = None
         if choice.compression is not None:  # inside a recomputed block nothing is kept: no use compressing there
-            compress_as_fit(model, choice.compression, _outside(choice.recompute), sample=_inputs_of(sample, loss_fn))
+            _compress_outside(model, choice.compression, choice.recompute, _inputs_of(sample, loss_fn))
         if choice.recompute:
             self.recompute = checkpoint_blocks(model, list(choice.recompute))
         if choice.step_in_backward:
@@ -385,8 +404,8 @@ def _outside(blocks: Sequence[str]) -> Any:
 
 
 def _inside(name: str, blocks: Sequence[str]) -> bool:
-    """``name`` is one of ``blocks`` or a module within one."""
-    return any(name == b or name.startswith(f"{b}.") for b in blocks)
+    """``name`` is one of ``blocks`` (or a member of one of its regions) or a module within one."""
+    return any(name == b or name.startswith(f"{b}.") for entry in blocks for b in _members(entry))
 
 
 def _batch_of(args: tuple, kwargs: dict) -> Any:
@@ -523,7 +542,7 @@ class _Calibration:
             if chunks >= 2:
                 model, _ = self._copies()
                 estimate = copy.deepcopy(model)
-                compress_as_fit(estimate, compression, _outside(recompute), sample=_inputs_of(self.batch, self.loss_fn))
+                _compress_outside(estimate, compression, recompute, _inputs_of(self.batch, self.loss_fn))
                 frozen = (freeze_batchnorm(model), freeze_batchnorm(estimate)) if self.frozen_batchnorm else ()
                 with contextlib.ExitStack() as stack, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -649,8 +668,9 @@ def fit(
     ``timing_steps`` timed steps each, then the four fastest that fit and plain again in
     ``retime_rounds`` alternating rounds; the originals are left as they were and take no update):
     if plain autograd fits, the step is plain; otherwise, among the exact combinations
-    (micro-batches k in powers of two, recompute of :func:`~actcomp.levers.auto_blocks`, the
-    step in backward for the element-wise optimizers; where a combination needs micro-batches
+    (micro-batches k in powers of two, recompute of :func:`~actcomp.levers.auto_blocks` alone
+    and with the regions of :func:`~actcomp.levers.recompute.auto_regions`, whose modules then
+    run without neighbour policies, the step in backward for the element-wise optimizers; where a combination needs micro-batches
     or fits with none, the same with :data:`EXACT_POLICIES` at fewer micro-batches) and the
     compressed ones, ``method`` at each eps of ``eps_grid``, whose
     :attr:`FitChoice.bounded_error` (the median layer bias over the batch in chunks, see the
@@ -700,7 +720,7 @@ def fit(
         notes.append("plain autograd fits the budget: the step is plain")
         return FittedStep(_Applied(model, optimizer, plain, loss_fn, batch, freeze_batchnorm), report(plain))
     counts = _micro_batch_counts(size) if "micro_batches" in allow else [1]
-    blocks = tuple(auto_blocks(model)) if "recompute" in allow else ()
+    recompute_sets = _recompute_sets(calibration) if "recompute" in allow else [()]
     in_backward_ok = bool({"step_in_backward", "bf16_state"} & set(allow)) and type(optimizer) in EXACT_OPTIMIZERS
     if {"step_in_backward", "bf16_state"} & set(allow) and not in_backward_ok:
         notes.append(f"the step in backward is not exact for {type(optimizer).__name__}: not considered")
@@ -714,10 +734,10 @@ def fit(
         steps.append((True, None))
     if in_backward_ok and "bf16_state" in allow and calibration.state > 0:  # opt-in: approximate updates
         steps.append((True, torch.bfloat16))
-    combos = [(r, *s) for r in ([(), blocks] if blocks else [()]) for s in steps]
+    combos = [(r, *s) for r in recompute_sets for s in steps]
     # compressed combinations compress only the layers outside the recomputed blocks: none there, none to try
-    outside = not blocks or any(not _inside(n, blocks) for n in select_layers(model, "all"))
-    compressed_combos = [c for c in combos if outside or not c[0]]
+    layers = select_layers(model, "all")
+    compressed_combos = [c for c in combos if not c[0] or any(not _inside(n, c[0]) for n in layers)]
     for recompute, in_backward, state_dtype in combos:  # the fewest micro-batches that fit, per combination
         found = _fewest_fitting(lambda k: calibration.measure(k, recompute, in_backward, None, state_dtype), counts, budget_bytes)
         if "exact_policies" in allow and (recompute, in_backward, state_dtype) in compressed_combos and (found is None or found.micro_batches > 1):
@@ -752,6 +772,20 @@ def fit(
         raise ValueError(_infeasible(calibration, budget_bytes, compressed_limit, allow, max_error))
     chosen = min(feasible, key=lambda c: (c.step_ms, c.total_bytes))
     return FittedStep(_Applied(model, optimizer, chosen, loss_fn, batch, freeze_batchnorm), report(chosen))
+
+
+def _recompute_sets(calibration: _Calibration) -> list[tuple[str, ...]]:
+    """What fit's recompute lever tries: nothing; every block of
+    :func:`~actcomp.levers.auto_blocks`; and, where there are any, those and every region of
+    :func:`~actcomp.levers.recompute.auto_regions` (traced on a copy of the model on the
+    calibration batch's inputs, so the model itself runs no forward). Both are measured: a
+    region's recompute holds all of its saved tensors at once in backward, so where the step
+    peaks in the region itself recomputing it can raise the peak."""
+    blocks = tuple(auto_blocks(calibration.model))
+    model, _ = calibration._copies()
+    regions = tuple(auto_regions(model, _inputs_of(calibration.batch, calibration.loss_fn), blocks))
+    del model
+    return list(dict.fromkeys([(), blocks, blocks + regions]))
 
 
 def _infeasible(calibration: _Calibration, budget_bytes: int, compressed_limit: int, allow: Sequence[str], max_error: float) -> str:

@@ -411,3 +411,62 @@ def test_the_layer_bias_bounds_compression_and_a_small_batch_falls_back_to_the_r
     assert choice.bounded_error == choice.grad_bias and choice.grad_error > 0
     small = _Calibration(model, optimizer, (x[:3], y[:3]), F.cross_entropy, 1, False).measure(1, (), False, config)
     assert small.grad_bias is None and small.bounded_error == small.grad_error > 0
+
+
+class StemNet(nn.Module):
+    """A ResNet-like model: a stem called child by child in forward (a region, not a block), then
+    a Sequential of blocks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(2)
+        self.layer = nn.Sequential(*[nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()) for _ in range(2)])
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layer(x), 1), 1))
+
+
+def test_recompute_covers_the_stem_region_with_the_plain_weights():
+    """fit measures recompute of the blocks alone and with the stem region; at a budget only the
+    region meets, it recomputes the region too, and the steps are plain momentum steps."""
+    from actcomp.memory.fit import _Calibration, _recompute_sets
+
+    model = StemNet().double()
+    reference = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 3, 32, 32, generator=generator, dtype=torch.float64), torch.randint(0, 10, (16,), generator=generator)) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    calibration = _Calibration(model, optimizer, batches[0], F.cross_entropy, 1, False)
+    blocks = ("layer.0", "layer.1")
+    assert _recompute_sets(calibration) == [(), blocks, (*blocks, "conv1+bn1+relu+maxpool")]
+    without, with_region = (calibration.measure(1, r, False, None).total_bytes for r in _recompute_sets(calibration)[1:])
+    assert with_region < without
+    step = actcomp.fit(model, optimizer, with_region, batches[0], F.cross_entropy, allow=("recompute",), max_error=0.0)
+    chosen = step.report.chosen
+    assert chosen.recompute == (*blocks, "conv1+bn1+relu+maxpool")
+    assert chosen.describe() == "recompute 2 blocks + 1 region"
+    assert_fitted_steps_are_plain_momentum_steps(step, model, reference, batches, with_region, tol=1e-12)
+    assert "forward" not in model.__dict__ and "forward" not in model.conv1.__dict__
+
+
+def test_exact_policies_leave_the_modules_of_a_recomputed_region_plain():
+    """Inside a recomputed region nothing is kept: its modules run plain (no mask or index
+    policy adding work to the recompute); blocks and the rest keep their neighbour policies."""
+    from actcomp.attach.swap import layer_state
+    from actcomp.memory.fit import FitChoice, _Applied
+
+    model, (x, y) = StemNet().double(), (torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (8,)))
+    recompute = ("layer.0", "conv1+bn1+relu+maxpool")
+    choice = FitChoice(1, recompute, False, actcomp.EXACT_POLICIES, 0, 0, 0.0, 0.0)
+    applied = _Applied(model, torch.optim.SGD(model.parameters(), lr=0.1), choice, F.cross_entropy, (x, y), False)
+    assert [layer_state(m) for m in (model.conv1, model.bn1, model.relu, model.maxpool)] == [None] * 4
+    assert layer_state(model.layer[0][2]) is not None and layer_state(model.layer[1][2]) is not None
+    applied.step((x, y))
+    applied.remove()
+    assert layer_state(model.layer[1][2]) is None and "forward" not in model.conv1.__dict__
