@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from actcomp.core.batch import call_model
-from actcomp.kernels import base_type, is_supported, overridden_base, qualified_name, registration_hint, supported_types
+from actcomp.kernels import base_type, is_supported, overridden_base, qualified_name, registration_for, registration_hint, supported_types
 from actcomp.core.state import KernelNotRunWarning, trains_weight
 
 LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool]
@@ -74,11 +74,23 @@ class Trace:
     another module's forward (``name -> (reader module name, function name)``): the parent
     computes with ``layer.weight`` itself (swin's attention calls ``F.linear(x, qkv.weight)``,
     ``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional form), so the
-    layer's compressed kernel can never run.
+    layer's compressed kernel cannot run under that forward. When the reader's own compressed
+    kernel calls the layer's forward instead (:func:`runs_children`: actcomp's attention
+    kernels call ``out_proj``, ``qkv`` and ``proj``), the layer runs once the reader is
+    compressed too (:meth:`run_by`).
     """
 
     order: list[str]
     readers: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def run_by(self, name: str, modules: dict[str, nn.Module]) -> str | None:
+        """The reader of layer ``name`` (one of ``readers``) whose compressed kernel calls the
+        layer's forward (``reader.<child>`` with ``<child>`` in its :func:`runs_children`), or
+        None when no kernel ever runs it."""
+        reader, _ = self.readers[name]
+        if not reader or not name.startswith(reader + "."):
+            return None
+        return reader if name[len(reader) + 1 :] in runs_children(modules[reader]) else None
 
     def reason(self, name: str, modules: dict[str, nn.Module]) -> str:
         """Why layer ``name`` (one of ``readers``) cannot be compressed, in words."""
@@ -88,6 +100,42 @@ class Trace:
             f"{describe(name, modules[name])}: its own forward is never called, {where} "
             f"({base_type(modules[reader]).__name__}) uses its parameters itself (first in {function})"
         )
+
+
+def runs_children(module: nn.Module) -> tuple[str, ...]:
+    """The children whose own forward the compressed kernel of ``module``'s type calls where
+    the plain forward reads their weights (the kernel's ``runs_children``: ``("out_proj",)``
+    for ``nn.MultiheadAttention``, ``("qkv", "proj")`` for Swin's attention); () for others."""
+    registration = registration_for(base_type(module))
+    kernel = registration.kernel if registration is not None else None
+    return tuple(getattr(kernel, "runs_children", ()))
+
+
+def _parents_selected(chosen: list[str], run_by: dict[str, str], modules: dict[str, nn.Module], explicit: bool, layers: LayerSelector) -> list[str]:
+    """``chosen`` without the layers whose parent's kernel runs them (``run_by``: layer ->
+    parent) while that parent is neither chosen nor compressed already: their forward would
+    never be called. Named explicitly they raise ValueError; an automatic selection leaves
+    them out with a KernelNotRunWarning."""
+    picked = set(chosen)
+    orphans = [
+        n for n in chosen
+        if n in run_by and run_by[n] not in picked and not hasattr(type(modules[run_by[n]]), "_actcomp_base")
+    ]
+    if not orphans:
+        return chosen
+    reasons = "; ".join(
+        f"{describe(n, modules[n])} is called only by the compressed kernel of its parent '{run_by[n]}' "
+        f"({base_type(modules[run_by[n]]).__name__})" for n in orphans
+    )
+    if explicit:
+        raise ValueError(f"{reasons}: select the parent too (layers=[..., '{run_by[orphans[0]]}']), or leave the layer out")
+    warnings.warn(
+        f"layers={layers if isinstance(layers, str) else 'callable'!r} leaves out {len(orphans)} layer(s) whose parent is "
+        f"not selected: {reasons}; select the parent too to compress them",
+        KernelNotRunWarning,
+        stacklevel=3,
+    )
+    return [n for n in chosen if n not in orphans]
 
 
 def _function_name(module: str, name: str) -> str:
@@ -188,7 +236,11 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
     With ``sample`` (or its ``traced`` forward), layers whose weight another module's forward
     uses while their own forward never runs (:class:`Trace` ``readers``) are left out of the
     automatic selections with a :class:`~actcomp.core.state.KernelNotRunWarning` naming them, and
-    raise ValueError when listed by name: their compressed kernel could never run.
+    raise ValueError when listed by name: their compressed kernel could never run. A layer
+    whose reader's compressed kernel calls its forward (:meth:`Trace.run_by`: the projections
+    of ``nn.MultiheadAttention`` and Swin's attention) is selected like any other, provided its
+    reader is selected (or compressed) too; else it is left out with a warning, or raises when
+    named.
     """
     if traced is None and sample is not None:
         traced = trace(model, sample)
@@ -198,7 +250,9 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
         _warn_overridden(modules, layers)
         trained = [n for n in supported if trains_weight(modules[n])]
         supported = trained or supported  # a wholly frozen model (a layer alone): as it is, they keep nothing
-    blocked = traced.readers if traced is not None else {}
+    readers = traced.readers if traced is not None else {}
+    run_by = {n: parent for n in readers if (parent := traced.run_by(n, modules)) is not None}
+    blocked = {n: reader for n, reader in readers.items() if n not in run_by}
     if blocked and not isinstance(layers, (list, tuple)):
         left_out = [n for n in supported if n in blocked]
         supported = [n for n in supported if n not in blocked]
@@ -217,7 +271,7 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
         if name in blocked:
             raise ValueError(f"{traced.reason(name, modules)}, so its compressed kernel cannot run; leave it out (layers='all' does)")
 
-    return resolve_selection(
+    chosen = resolve_selection(
         layers,
         modules,
         supported,
@@ -227,6 +281,7 @@ def select_layers(model: nn.Module, layers: LayerSelector, sample: object = None
         noun="layer with a compressed kernel",
         supported=", ".join(supported_types()),
     )
+    return _parents_selected(chosen, run_by, modules, isinstance(layers, (list, tuple)), layers)
 
 
 def resolve_selection(

@@ -101,6 +101,9 @@ def _compressed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return _neighbour_forward(self, base, state, args, kwargs)
     if not (state.active and self.training and torch.is_grad_enabled()):
         return base.forward(self, *args, **kwargs)
+    kernel = registration_for(base).kernel
+    if getattr(kernel, "takes_call", False):  # a kernel taking the whole call (attention: query, key, value, masks)
+        return kernel(self, state, *args, **kwargs)
     x = _input_of(self, base, state, args, kwargs)
     if registration_for(base).family is None and _runs_plain_whatever_layout(state):
         # a custom kernel (no family: its layout is its own) under a method that runs every

@@ -2,7 +2,8 @@
 
 The registry (module type -> :class:`LayerFamily`) lives in :mod:`actcomp.kernels.base`; the
 Function in :mod:`actcomp.kernels.function`. Importing this package registers the built-in
-families: Conv1d/2d/3d, Linear, and transformers' Conv1D and timm's Linear (by qualified name).
+families: Conv1d/2d/3d, Linear, and transformers' Conv1D and timm's Linear (by qualified name),
+and the attention kernels of nn.MultiheadAttention and torchvision's ShiftedWindowAttention (V1, V2).
 """
 
 from actcomp.kernels.base import (
@@ -22,7 +23,7 @@ from actcomp.kernels.base import (
     supported_types,
 )
 from actcomp.kernels.function import kernel_for
-from actcomp.kernels import conv, linear, hf_conv1d, timm_linear  # noqa: F401,E402  (register the built-in families)
+from actcomp.kernels import conv, linear, hf_conv1d, timm_linear, mha, swin  # noqa: F401,E402  (register the built-in families)
 
 __all__ = [
     "Kernel",

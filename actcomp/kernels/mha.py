@@ -23,9 +23,7 @@ then say policy ``"plain"`` with the bytes plain autograd keeps for the in-proje
 distinct inputs), never a compression ratio.
 
 The kernel takes the whole call (``takes_call``): ``kernel(module, state, *args, **kwargs)``;
-``register_kernel(nn.MultiheadAttention)(multihead_attention_kernel)`` makes it the compressed
-forward once ``compress`` passes such kernels the whole call (a compressed module's forward
-hands other kernels one input tensor).
+registered for ``nn.MultiheadAttention``.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from actcomp.core.state import KernelNotRunWarning
-from actcomp.kernels.base import Registration, base_type
+from actcomp.kernels.base import Registration, base_type, register_kernel
 from actcomp.kernels.function import PLAIN, run_layer
 from actcomp.kernels.linear import LINEAR
 
@@ -217,3 +215,4 @@ def multihead_attention_kernel(
 #: out_proj's forward where torch's reads its weight.
 multihead_attention_kernel.takes_call = True  # type: ignore[attr-defined]
 multihead_attention_kernel.runs_children = ("out_proj",)  # type: ignore[attr-defined]
+register_kernel(nn.MultiheadAttention)(multihead_attention_kernel)

@@ -19,8 +19,7 @@ the parameter at zero from its construction on, so the forward is bit for bit to
 The attention module's own parameters (V1's relative position bias table, V2's logit scale and
 ``cpb_mlp``, whose Linear layers run their own forwards) need nothing of x: its own stats entry
 (method ``"parent"``) keeps 0 bytes, its projections are listed as layers of their own.
-A kernel is registered by qualified name (actcomp does not import torchvision):
-``register_kernel(SHIFTED_WINDOW_ATTENTION)(shifted_window_attention_kernel)``, the same for V2.
+Registered by qualified name (actcomp does not import torchvision).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from actcomp.kernels.base import register_kernel
 from actcomp.kernels.linear import linear_bias_grad
 
 SHIFTED_WINDOW_ATTENTION = "torchvision.models.swin_transformer.ShiftedWindowAttention"
@@ -197,3 +197,5 @@ def shifted_window_attention_v2_kernel(module: nn.Module, state, x: Tensor) -> T
 for _kernel in (shifted_window_attention_kernel, shifted_window_attention_v2_kernel):
     _kernel.takes_call = True  # type: ignore[attr-defined]
     _kernel.runs_children = ("qkv", "proj")  # type: ignore[attr-defined]
+register_kernel(SHIFTED_WINDOW_ATTENTION)(shifted_window_attention_kernel)
+register_kernel(SHIFTED_WINDOW_ATTENTION_V2)(shifted_window_attention_v2_kernel)

@@ -249,3 +249,85 @@ def test_shifted_window_attention_keeps_factors_of_its_projections_inputs(versio
     projections = [actcomp.stats(module)[n] for n in ("qkv", "proj")]
     assert all(p.method == "hosvd" and 0 < p.kept_bytes < p.input_bytes for p in projections)
     assert plain.saved_bytes - saved.saved_bytes == sum(p.input_bytes - p.kept_bytes for p in projections)
+
+
+# ---------------------------------------------------------------- whole models: compress(sample=)
+
+def vit():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, dropout=0.1, attention_dropout=0.1)
+    return model.double(), torch.randn(3, 3, 32, 32, dtype=torch.float64)
+
+
+def swin(v2=False):
+    torch.manual_seed(0)
+    extra = dict(block=st.SwinTransformerBlockV2, downsample_layer=st.PatchMergingV2) if v2 else {}
+    model = st.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=5, dropout=0.1, attention_dropout=0.1, **extra)
+    return model.double(), torch.randn(3, 3, 24, 24, dtype=torch.float64)  # 6x6 tokens: padded windows
+
+
+MODELS = {"vit": vit, "swin": swin, "swin_v2": lambda: swin(v2=True)}
+PARENTS = {"vit": nn.MultiheadAttention, "swin": st.ShiftedWindowAttention, "swin_v2": st.ShiftedWindowAttentionV2}
+PROJECTIONS = {"vit": ("out_proj",), "swin": ("qkv", "proj"), "swin_v2": ("qkv", "proj")}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_whole_model_at_eps_one_equals_plain_with_every_projection_compressed(name):
+    model, x = MODELS[name]()
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelNotRunWarning)  # nothing left out, nothing not run
+        actcomp.compress(model, eps=1.0, sample=x[:1])
+        parents = [n for n, m in model.named_modules() if type(m).__mro__[1] is PARENTS[name]]
+        projections = [f"{p}.{c}" for p in parents for c in PROJECTIONS[name]]
+        assert parents and set(parents + projections) <= set(actcomp.compressed_layers(model))
+        x.requires_grad_()
+        torch.manual_seed(3)  # dropout and stochastic depth draw the same masks
+        out = model(x)
+        ours = gradients(model, x, (out,))
+    torch.manual_seed(3)
+    expected_out = reference(x)
+    assert_close([out], [expected_out])
+    assert_close(ours, gradients(reference, x, (expected_out,)))
+    stats = actcomp.stats(model)
+    assert all(actcomp.layer_state(dict(model.named_modules())[n]).runs == 1 and n in stats for n in parents + projections)
+    assert all(stats[n].method == "plain" for n in projections)  # eps 1 keeps each input itself
+
+
+def test_vit_keeps_factors_of_every_projection_at_eps_below_one():
+    model, x = vit()
+    reference = copy.deepcopy(model)
+    actcomp.compress(model, eps=0.9, sample=x[:1], neighbours=None)
+    with actcomp.count_saved(reference) as plain:
+        reference(x)
+    with actcomp.count_saved(model) as saved:
+        model(x)
+    stats = actcomp.stats(model)
+    attention = [n for n, s in stats.items() if s.layer_type in ("MultiheadAttention", "NonDynamicallyQuantizableLinear")]
+    assert len(attention) == 4 and all(stats[n].method == "hosvd" and stats[n].kept_bytes < stats[n].input_bytes for n in attention)
+    assert saved.saved_bytes < plain.saved_bytes
+
+
+def test_a_projection_selected_without_its_parent_is_left_out_or_refused():
+    model, x = vit()
+    out_proj = "encoder.layers.encoder_layer_0.self_attention.out_proj"
+    with pytest.warns(KernelNotRunWarning, match=re.escape(f"layer '{out_proj}' (NonDynamicallyQuantizableLinear) is called only by the compressed kernel of its parent")):
+        actcomp.compress(model, "re:out_proj", sample=x[:1])
+    assert actcomp.compressed_layers(model) == {}
+    with pytest.raises(ValueError, match="select the parent too"):
+        actcomp.compress(model, [out_proj], sample=x[:1])
+    actcomp.compress(model, [out_proj.rsplit(".", 1)[0], out_proj], eps=0.9, sample=x[:1])
+    model(x).sum().backward()
+    assert actcomp.stats(model)[out_proj].method == "hosvd"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_method_that_runs_linear_layers_plainly_still_runs_every_projection(name):
+    model, x = MODELS[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelNotRunWarning)
+        actcomp.compress(model, method="none", sample=x[:1])
+        model(x).sum().backward()
+    layers = actcomp.compressed_layers(model)
+    assert all(actcomp.layer_state(m).runs == 1 for n, m in model.named_modules() if n in layers)
