@@ -24,8 +24,9 @@ from actcomp.core.state import LayerState
 from actcomp.devices import DeviceProfile, list_devices, load_device
 from actcomp.memory import MemoryReport, SavedTensors, count_saved, measure
 from actcomp.memory.plan import LayerChoice, Plan, plan
+from actcomp.memory.error import GradientErrorStats, RunningError, gradient_error_stats, median_layer_bias
 from actcomp.memory.fit import EXACT_POLICIES, BudgetExceededError, FitChoice, FitReport, FittedStep, fit
-from actcomp.levers import checkpoint_blocks, freeze_batchnorm, microbatch_step, optimizer_in_backward
+from actcomp.levers import auto_regions, checkpoint_blocks, freeze_batchnorm, microbatch_step, optimizer_in_backward
 
 __version__ = "0.2.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "FittedStep",
     "calibrate",
     "checkpoint_blocks",
+    "auto_regions",
     "fit",
     "freeze_batchnorm",
     "microbatch_step",
@@ -61,6 +63,10 @@ __all__ = [
     "load_device",
     "measure",
     "plan",
+    "GradientErrorStats",
+    "RunningError",
+    "gradient_error_stats",
+    "median_layer_bias",
     "LayerStats",
     "LowRank",
     "SavedTensors",

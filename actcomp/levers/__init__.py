@@ -6,8 +6,9 @@
 * :func:`microbatch_step`: one step's batch as k chunks with accumulated, size-weighted
   gradients (every activation term / k); exact without batch statistics,
   :func:`freeze_batchnorm` makes BatchNorm exact.
-* :func:`checkpoint_blocks`: non-reentrant recompute of whole blocks (a block's saved tensors
-  -> its inputs, at one extra forward); exact, BatchNorm running statistics updated once.
+* :func:`checkpoint_blocks`: non-reentrant recompute of whole blocks, or of regions (runs of
+  sibling modules the parent's forward chains, found by :func:`auto_regions`) (their saved
+  tensors -> their inputs, at one extra forward); exact, BatchNorm running statistics updated once.
 """
 
 from actcomp.levers.microbatch import (
@@ -16,7 +17,7 @@ from actcomp.levers.microbatch import (
     microbatch_step,
     split_batch,
 )
-from actcomp.levers.recompute import Recompute, auto_blocks, checkpoint_blocks
+from actcomp.levers.recompute import Recompute, auto_blocks, auto_regions, checkpoint_blocks
 from actcomp.levers.step_in_backward import (
     EXACT_OPTIMIZERS,
     StepInBackward,
@@ -28,6 +29,7 @@ __all__ = [
     "Recompute",
     "StepInBackward",
     "auto_blocks",
+    "auto_regions",
     "batch_statistics_modules",
     "checkpoint_blocks",
     "freeze_batchnorm",
