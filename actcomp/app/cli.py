@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from actcomp.core.config import CompressionConfig
 from actcomp.linalg.numerics import check_eps
 from actcomp.memory.fit import BudgetExceededError
 from actcomp.methods import method_class, method_names
@@ -95,10 +96,10 @@ def _demo(args: argparse.Namespace) -> int:
         raise ValueError("--neighbour-eps applies to --model vit")
     args.layers = 4 if args.layers is None else args.layers
     args.budget = "2.5MiB" if args.budget is None else args.budget
-    args.eps = 0.9 if args.eps is None else args.eps
+    args.eps = CompressionConfig().eps if args.eps is None else args.eps  # compress()'s default
     args.epochs = 6 if args.epochs is None else args.epochs
     args.pretrain_epochs = 6 if args.pretrain_epochs is None else args.pretrain_epochs
-    args.every_eps = 0.95 if args.every_eps is None else args.every_eps
+    args.every_eps = CompressionConfig().eps if args.every_eps is None else args.every_eps
     _resolve_devices(args)
     check_eps(args.eps)  # bad settings and outputs fail here, before any training
     check_eps(args.every_eps)
@@ -465,10 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", default="mobilenet", choices=["mobilenet", "vit"], help="mobilenet (default) or vit (tokens)")
     demo.add_argument("--layers", type=int, default=None, help="mobilenet: fine-tune the last N Conv/Linear layers (default 4)")
-    demo.add_argument("--eps", type=float, default=None, help="explained variance kept, in (0, 1] (default 0.9)")
+    demo.add_argument("--eps", type=float, default=None, help="explained variance kept, in (0, 1] (default: mobilenet 0.99 as compress(), vit 0.9)")
     demo.add_argument("--neighbour-eps", type=float, default=None, help="vit: eps of the whole step's packed tensors (default 0.99)")
     demo.add_argument("--budget", default=None, help="mobilenet: budget for the planned run, bytes kept by autograd (default 2.5MiB)")
-    demo.add_argument("--every-eps", type=float, default=None, help="mobilenet: eps of the run that fine-tunes every layer (default 0.95)")
+    demo.add_argument("--every-eps", type=float, default=None, help="mobilenet: eps of the run that fine-tunes every layer (default 0.99, as compress())")
     demo.add_argument("--no-every", action="store_true", help="mobilenet: skip the three runs that fine-tune every layer")
     demo.add_argument("--fit", metavar="BUDGET", help="mobilenet: device budget of the fit run (default a quarter of plain's device total)")
     demo.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 6; vit 10)")

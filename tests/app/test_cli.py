@@ -44,11 +44,16 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
 
 def test_demo_runs_and_compression_keeps_less(tmp_path, capsys):
     # --fit above plain's total: the fit run measures plain only (fit's search is tested in tests/memory)
-    assert main(["demo", *QUICK, "--seeds", "2", "--fit", "1GiB", "--out", str(tmp_path)]) == 0
+    # --every-eps 0.9: below compress()'s default 0.99 the every-layer run must keep less than half
+    assert main(["demo", *QUICK, "--seeds", "2", "--fit", "1GiB", "--every-eps", "0.9", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "hosvd, plan for 2.5MiB" in printed and "kept by autograd" in printed
-    plain, hosvd, planned, every_plain, every, fitted = json.loads((tmp_path / "demo.json").read_text())
+    plain, hosvd, planned, every_plain, every, frozen, fitted = json.loads((tmp_path / "demo.json").read_text())
+    assert hosvd["eps"] == "0.99"  # compress()'s default
     assert hosvd["layer_bytes"] < plain["layer_bytes"] and hosvd["saved_bytes"] < plain["saved_bytes"]
+    # plain autograd with BatchNorm on its running statistics: what the fitted run is exact against
+    assert frozen["method"] == "none, every layer, BatchNorm frozen" and frozen["layers"] == every_plain["layers"]
+    assert frozen["accuracies"] != every_plain["accuracies"]
     assert planned["saved_bytes"] <= 2.5 * 2**20
     # every layer trained: the whole step (neighbours included) and the peak move
     assert every["layers"] == every_plain["layers"] > plain["layers"]
@@ -59,7 +64,7 @@ def test_demo_runs_and_compression_keeps_less(tmp_path, capsys):
     assert "plain autograd's device total" in printed and "fit chose" in printed and "first real step measured" in printed
     assert (tmp_path / "demo.png").stat().st_size > 10_000 and (tmp_path / "plan.json").exists()
     # accuracy over two fine-tuning seeds: each seed's, their mean, and the spread printed
-    for row in (plain, hosvd, planned, every_plain, every, fitted):
+    for row in (plain, hosvd, planned, every_plain, every, frozen, fitted):
         assert len(row["accuracies"]) == 2 and row["accuracy"] == pytest.approx(sum(row["accuracies"]) / 2)
     low, high = min(every["accuracies"]), max(every["accuracies"])
     assert f"({100 * low:.1f}-{100 * high:.1f})" in printed
